@@ -1,0 +1,1 @@
+"""Cityscapes data: label table, synthetic generator, discovery, preparation, transforms, fast path."""
