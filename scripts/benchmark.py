@@ -62,18 +62,9 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- main
-MODES = {
-    "data": (bench_data, add_data_args),
-    "model": (bench_model, add_model_args),
-    "metric": (bench_metric, add_metric_args),
-    "throughput": (bench_throughput, add_throughput_args),
-    "report": (bench_report, add_report_args),
-}
-
-
 def main(args) -> dict:
-    results = MODES[args.mode][0](args)
-    if getattr(args, "out", None) and results is not None:
+    results = args.run(args)
+    if args.out and results is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     return results
@@ -82,8 +73,15 @@ def main(args) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
-    for name, (_, add_args) in MODES.items():
+    for name, run, add_args in [
+        ("data", bench_data, add_data_args),
+        ("model", bench_model, add_model_args),
+        ("metric", bench_metric, add_metric_args),
+        ("throughput", bench_throughput, add_throughput_args),
+        ("report", bench_report, add_report_args),
+    ]:
         sub = modes.add_parser(name)
+        sub.set_defaults(run=run)
         sub.add_argument("--out", default=None, help="write the results JSON here")
         add_args(sub)
     return parser
