@@ -1,0 +1,212 @@
+"""Evaluate a model (or prediction PNGs) on a Cityscapes split: evaluate-compatible mIoU and a per-class table.
+
+    accelerate launch scripts/eval.py --checkpoint out/run/final --data_root data/cityscapes    # whole image
+    accelerate launch scripts/eval.py --checkpoint fcn_hr18.pth --data_root ... --mode aug     # reference .pth
+    python scripts/eval.py --predictions_dir preds/ --data_root ... --pred_label_type labelIds  # no model
+    accelerate launch scripts/eval.py --checkpoint ... --split test --format_only --out_dir submission/
+    python scripts/eval.py --checkpoint ... --data_root ... --show_dir pictures/ --output_json results.json
+
+--mode whole (default): full-resolution inference; slide: 512x1024 crops every 341x682 pixels; aug: ratios
+0.5..1.75 of 2048x1024 plus flips, softmax averaged (RECIPE.md section 4). Mixed precision follows the launch
+config (or --mixed_precision). Prediction PNGs (`<city>_<seq>_<frame>*.png`, anywhere under --predictions_dir,
+trainIds or labelIds) are scored against the same labelTrainIds as a model. --metric_backend evaluate also runs
+HF evaluate's own `mean_iou` script (from the hub, or --metric_path DIR holding mean_iou.py) on the same
+predictions, in one process, storing every map as that script requires.
+"""
+
+import argparse
+import fnmatch
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from tqdm.auto import tqdm
+
+from data import get_val_data
+from data.cityscapes import as_source, read_image, read_label
+from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+from modeling.inference import AUG_RATIOS, BASE_SIZE, CROP_SIZE, MODES, STRIDE, evaluate_segmentation, load_model
+from modeling.metrics import MeanIoU
+from modeling.visualize import plot_class_iou, save_prediction_pictures
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def find_predictions(predictions_dir: Path, stems: list[str]) -> list[Path]:
+    """The one `<stem>*.png` under predictions_dir for every stem (the official Cityscapes matching rule)."""
+    if not predictions_dir.is_dir():
+        raise SystemExit(f"error: --predictions_dir {predictions_dir}: folder not found")
+    files = sorted(p for p in predictions_dir.rglob("*.png"))
+    found = []
+    for stem in stems:
+        matches = [p for p in files if fnmatch.fnmatch(p.name, f"{stem}*.png")]
+        if len(matches) != 1:
+            what = "no prediction" if not matches else f"{len(matches)} predictions ({matches[0]}, {matches[1]})"
+            raise SystemExit(f"error: --predictions_dir {predictions_dir}: {what} for {stem}; expected one "
+                             f"{stem}*.png")
+        found.append(matches[0])
+    return found
+
+
+def read_prediction(path: Path, label_type: str, shape: tuple[int, int]) -> np.ndarray:
+    """A prediction PNG as trainIds (labelIds are mapped; ids outside the 19 classes become 255)."""
+    try:
+        with Image.open(path) as image:
+            pred = np.array(image)
+    except OSError as error:
+        raise SystemExit(f"error: {path}: unreadable prediction PNG ({error})") from error
+    if pred.ndim != 2 or pred.dtype != np.uint8:
+        raise SystemExit(f"error: {path}: expected a single-channel 8-bit PNG of {label_type}, got {pred.dtype} "
+                         f"{pred.shape}")
+    if pred.shape != shape:
+        raise SystemExit(f"error: {path}: prediction is {pred.shape[0]}x{pred.shape[1]}, the ground truth "
+                         f"{shape[0]}x{shape[1]}")
+    return ID_TO_TRAIN_ID[pred] if label_type == "labelIds" else pred
+
+
+def score_predictions(args, accelerator, source, on_predictions) -> dict:
+    """Prediction PNGs against the labelTrainIds of the split, sharded over the processes like the model path."""
+    paths = find_predictions(Path(args.predictions_dir), source["stem"])
+    metric = MeanIoU(NUM_CLASSES, IGNORE_INDEX, device=accelerator.device)
+    indices = range(accelerator.process_index, len(source), accelerator.num_processes)
+    for index in tqdm(indices, desc="scoring", disable=not accelerator.is_main_process):
+        label = read_label(source[index]["label"])
+        pred = read_prediction(paths[index], args.pred_label_type, label.shape)
+        preds, labels = torch.from_numpy(pred)[None], torch.from_numpy(label)[None]
+        metric.update(preds, labels)
+        on_predictions(preds, labels, {"index": torch.tensor([index])})
+    return metric.compute(accelerator)
+
+
+def load_evaluate_metric(args):
+    import evaluate  # noqa: PLC0415 - only this backend needs it
+
+    name = args.metric_path or "mean_iou"
+    try:
+        return evaluate.load(name)
+    except Exception as error:  # evaluate raises FileNotFoundError, ConnectionError, ... depending on the cause
+        raise SystemExit(f"error: --metric_backend evaluate: could not load {name!r} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); evaluate fetches mean_iou from the Hugging Face Hub: "
+                         "without network pass --metric_path DIR, a folder holding mean_iou.py") from error
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| class | IoU (%) | Acc (%) |", "|---|---:|---:|"]
+    for name, iou, acc in zip(results["class_names"], results["per_category_iou"], results["per_category_accuracy"],
+                              strict=True):
+        rows.append(f"| {name} | {iou * 100:.2f} | {acc * 100:.2f} |")
+    rows.append(f"| **mean** | **{results['mean_iou'] * 100:.2f}** | **{results['mean_accuracy'] * 100:.2f}** |")
+    rows.append(f"\noverall accuracy {results['overall_accuracy'] * 100:.2f} %")
+    return "\n".join(rows)
+
+
+def json_ready(results: dict) -> dict:
+    return {key: value.tolist() if isinstance(value, np.ndarray) else float(value) if isinstance(value, np.floating)
+            else value for key, value in results.items()}
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main(args) -> dict:
+    if (args.checkpoint is None) == (args.predictions_dir is None):
+        raise SystemExit("error: pass exactly one of --checkpoint and --predictions_dir")
+    if args.format_only and (args.out_dir is None or args.checkpoint is None):
+        raise SystemExit("error: --format_only needs --checkpoint and --out_dir")
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    if args.metric_backend == "evaluate" and accelerator.num_processes > 1:
+        raise SystemExit("error: --metric_backend evaluate runs in one process (it stores every map); "
+                         "launch without several processes")
+    try:
+        source = as_source(args.data_root, args.split)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: --data_root: {error}") from error
+    stems = list(source["stem"])
+    reference = load_evaluate_metric(args) if args.metric_backend == "evaluate" else None
+
+    def on_predictions(preds, labels, batch):
+        """Per batch, on each process: the submission files, the pictures, the maps evaluate needs."""
+        preds, labels = preds.to("cpu", torch.uint8).numpy(), labels.to("cpu", torch.uint8).numpy()
+        for i, index in enumerate(batch["index"].tolist()):
+            if args.format_only:  # labelIds, named as the test server and cityscapesscripts expect
+                Image.fromarray(TRAIN_ID_TO_ID[preds[i]]).save(Path(args.out_dir) / f"{stems[index]}_leftImg8bit.png")
+            if args.show_dir:
+                image = batch["image"][i].permute(1, 2, 0).cpu().numpy() if "image" in batch else \
+                    read_image(source[index]["image"])
+                save_prediction_pictures(args.show_dir, stems[index], image, preds[i], labels[i])
+        if reference is not None:
+            reference.add_batch(predictions=list(preds), references=list(labels))
+
+    if args.format_only:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    class_names = list(CLASS_NAMES)
+    if args.predictions_dir is not None:
+        results = score_predictions(args, accelerator, source, on_predictions)
+    else:
+        try:
+            model = load_model(args.checkpoint).to(accelerator.device)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise SystemExit(f"error: --checkpoint: {error}") from error
+        class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        dataset, on_device = get_val_data(args.data_root, args.split)
+        predict_kwargs = dict(crop_size=args.crop_size, stride=args.stride, ratios=args.ratios,
+                              flip=not args.no_flip, base_size=args.base_size)
+        results = evaluate_segmentation(model, dataset, on_device, accelerator, args.batch_size, args.num_workers,
+                                        args.mode, predict_kwargs, on_predictions)
+    if reference is not None:
+        streaming = results
+        results = reference.compute(num_labels=len(class_names), ignore_index=IGNORE_INDEX, reduce_labels=False)
+        accelerator.print(f"evaluate mean_iou {results['mean_iou']:.6f}, streaming {streaming['mean_iou']:.6f}")
+
+    results = {**json_ready(results), "class_names": class_names, "num_images": len(source),
+               "split": args.split, "mode": args.mode if args.checkpoint else "predictions",
+               "metric_backend": args.metric_backend}
+    if accelerator.is_main_process:
+        if not args.format_only:
+            accelerator.print(markdown_table(results))
+        if args.show_dir:
+            plot_class_iou(results["per_category_iou"], class_names, Path(args.show_dir) / "class_iou.png",
+                           title=f"{args.split} per-class IoU")
+        if args.output_json:
+            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output_json).write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--checkpoint", help="save_pretrained folder, or a reference mmseg .pth converted on the fly")
+    what.add_argument("--predictions_dir", help="score <city>_<seq>_<frame>*.png prediction files instead")
+    what.add_argument("--pred_label_type", choices=["trainIds", "labelIds"], default="trainIds")
+    what.add_argument("--data_root", required=True, help="Cityscapes-layout folder (labelTrainIds prepared)")
+    what.add_argument("--split", default="val")
+    infer = parser.add_argument_group("inference")
+    infer.add_argument("--mode", choices=MODES, default="whole")
+    infer.add_argument("--crop_size", type=int, nargs=2, default=CROP_SIZE, metavar=("H", "W"), help="slide")
+    infer.add_argument("--stride", type=int, nargs=2, default=STRIDE, metavar=("H", "W"), help="slide")
+    infer.add_argument("--ratios", type=float, nargs="+", default=AUG_RATIOS, help="aug")
+    infer.add_argument("--base_size", type=int, nargs=2, default=BASE_SIZE, metavar=("H", "W"),
+                       help="aug: the size the ratios multiply (the reference: 1024 2048)")
+    infer.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
+    infer.add_argument("--batch_size", type=int, default=1, help="per process")
+    infer.add_argument("--num_workers", type=int, default=2)
+    infer.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="default: the accelerate launch config")
+    infer.add_argument("--cpu", action="store_true")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_json", help="write the metric dict, class names and settings here")
+    out.add_argument("--format_only", action="store_true", help="write labelIds PNGs for the test server")
+    out.add_argument("--out_dir", help="where --format_only writes <city>_<seq>_<frame>_leftImg8bit.png")
+    out.add_argument("--show_dir", help="colorized predictions, overlays, ground truth and a per-class IoU chart")
+    out.add_argument("--metric_backend", choices=["streaming", "evaluate"], default="streaming")
+    out.add_argument("--metric_path", help="local evaluate metric (folder with mean_iou.py) for the evaluate backend")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,93 @@
+"""Segment images with a trained model: colorized masks (Cityscapes palette), overlays and raw trainId maps.
+
+    python scripts/infer.py --checkpoint out/run/final photos/ street.jpg --out_dir out/pictures
+    python scripts/infer.py --checkpoint fcn_hr18.pth photos/ --out_dir out/pictures --mode slide --cpu
+
+For each input image NAME.png/.jpg (folders are searched recursively), writes NAME_pred.png (colorized),
+NAME_overlay.png (blended on the photo) and NAME_trainIds.png (class ids 0..18) to --out_dir. Runs on the GPU
+when there is one (else CPU), one image at a time, at the image's own size.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from tqdm.auto import tqdm
+
+from data.transforms import normalize
+from modeling.inference import AUG_RATIOS, BASE_SIZE, CROP_SIZE, MODES, STRIDE, load_model, predict
+from modeling.visualize import save_prediction_pictures
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def list_images(inputs: list[str]) -> list[Path]:
+    images = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise SystemExit(f"error: {path}: no such image or folder")
+    if not images:
+        raise SystemExit(f"error: no {'/'.join(IMAGE_SUFFIXES)} images in {' '.join(inputs)}")
+    return images
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except OSError as error:
+        raise SystemExit(f"error: {path}: unreadable image ({error})") from error
+
+
+def main(args) -> dict:
+    images = list_images(args.inputs)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    try:
+        model = load_model(args.checkpoint).to(accelerator.device).eval()
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise SystemExit(f"error: --checkpoint: {error}") from error
+    out_dir = Path(args.out_dir)
+    written = []
+    for path in tqdm(images, desc="infer"):
+        image = read_rgb(path)
+        pixel_values = normalize(torch.from_numpy(image).permute(2, 0, 1)[None].to(accelerator.device))
+        with accelerator.autocast():
+            scores = predict(model, pixel_values, args.mode, crop_size=args.crop_size, stride=args.stride,
+                             ratios=args.ratios, flip=not args.no_flip, base_size=args.base_size)
+        train_ids = scores.argmax(1)[0].to("cpu", torch.uint8).numpy()
+        written += save_prediction_pictures(out_dir, path.stem, image, train_ids)
+        Image.fromarray(train_ids).save(out_dir / f"{path.stem}_trainIds.png")
+        written.append(out_dir / f"{path.stem}_trainIds.png")
+    print(f"{len(images)} images -> {out_dir}")
+    return {"num_images": len(images), "out_dir": str(out_dir), "files": [str(p) for p in written]}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+    parser.add_argument("--checkpoint", required=True, help="save_pretrained folder or a reference mmseg .pth")
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--mode", choices=MODES, default="whole")
+    parser.add_argument("--crop_size", type=int, nargs=2, default=CROP_SIZE, metavar=("H", "W"), help="slide")
+    parser.add_argument("--stride", type=int, nargs=2, default=STRIDE, metavar=("H", "W"), help="slide")
+    parser.add_argument("--ratios", type=float, nargs="+", default=AUG_RATIOS, help="aug")
+    parser.add_argument("--base_size", type=int, nargs=2, default=BASE_SIZE, metavar=("H", "W"), help="aug")
+    parser.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
