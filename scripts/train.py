@@ -1,0 +1,526 @@
+"""Train HRNet-W18 + FCN on Cityscapes with Hugging Face Accelerate: mmsegmentation's fcn_hr18 80k recipe.
+
+    # demo: a small synthetic dataset on the CPU (a few minutes)
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --dataset synthetic \
+        --pretrained_backbone none --lr 0.1 --crop_size 64 128 --max_iters 300 --output_dir out/demo
+    # the recipe: 8 GPUs x batch 2, fp16 (1 GPU: accelerate_configs/1gpu.yaml; precision comes from the config)
+    accelerate launch --config_file accelerate_configs/8gpu_fp16.yaml scripts/train.py --data_root data/cityscapes
+    # after a crash or preemption: the same command plus --resume_from_checkpoint latest
+
+Accelerate owns the devices, DDP, mixed precision and the gradient scaler; this script owns the recipe. The loop
+counts iterations (optimizer steps; one iteration = gradient_accumulation_steps micro-batches per process), not
+epochs. Outputs in OUTPUT_DIR: results.json (the benchmark's figures; main() returns the same dict),
+train_log.jsonl (one line per log interval and per evaluation), checkpoints/iter_* (resumable, see
+modeling/checkpointing.py), best/ and final/ (save_pretrained, for scripts/eval.py), trackers' logs.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import get_polynomial_decay_schedule_with_warmup
+
+from data import get_train_data, get_val_data
+from data.prepare import prepare_cityscapes
+from data.synthetic import generate_cityscapes
+from modeling import (
+    DEFAULT_PRETRAINED,
+    HRNetFCNConfig,
+    HRNetFCNForSemanticSegmentation,
+    convert_to_sync_batchnorm,
+    load_pretrained_backbone,
+    to_channels_last,
+)
+from modeling.checkpointing import (
+    MIN_KEEP,
+    config_differences,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_pretrained_atomically,
+    versions,
+)
+from modeling.inference import evaluate_segmentation
+
+# The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
+MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
+# The synthetic demo set: generated in seconds, trained on at 64x128 crops (as big as the images: crops see the
+# whole scene at the recipe's 0.5-2x scales, so their BN statistics match whole-image evaluation), every class in val.
+SYNTHETIC = {"num_train": 32, "num_val": 8, "num_test": 0, "height": 64, "width": 128, "seed": 0}
+# images/s excludes the first iterations of each launch (allocator, cuDNN autotuning, torch.compile).
+WARMUP_ITERS = 20
+
+
+# --------------------------------------------------------------------------------------------------------- data
+class ShardedEpochSampler(Sampler):
+    """This process's share of a seeded per-epoch shuffle, optionally starting part-way into the epoch.
+
+    Every process draws the same permutation from (seed, epoch) and takes every num_replicas-th entry starting at
+    its rank, after dropping the tail that cannot be split evenly (as DistributedSampler with drop_last). So the
+    global order of samples depends only on the seed and the epoch: rank r's k-th sample is entry k * P + r, which
+    makes 2 processes x batch 1 see exactly what 1 process x batch 1 x 2 accumulation steps sees. `start` skips
+    that many indices of this process's share: resuming mid-epoch never loads (never decodes) a skipped sample.
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.num_samples, self.num_replicas, self.rank, self.seed = num_samples, num_replicas, rank, seed
+        self.per_replica = num_samples // num_replicas
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[: self.per_replica * self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas][self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_replica - self.start
+
+
+def train_batches(dataset, sampler: ShardedEpochSampler, batch_size: int, num_workers: int, first_batch: int,
+                  pin_memory: bool):
+    """Endless stream of this process's micro-batches, starting at micro-batch `first_batch` of the run.
+
+    Epoch e's batches are the sampler's order cut into batch_size pieces (the incomplete last one dropped).
+    dataset.set_epoch(e) makes the per-sample augmentation draws depend on the epoch; the datasets keep the epoch
+    in shared memory, so it reaches the persistent workers before they load anything of epoch e.
+    """
+    per_epoch = sampler.per_replica // batch_size
+    epoch, skip = divmod(first_batch, per_epoch)
+    # worker seeds come from this generator, not from the global RNG, so they replay on resume too
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(sampler.seed))
+    while True:
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=skip * batch_size)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
+    # The device-side augmentation generator is reseeded every iteration from (seed, rank, iteration): its draws
+    # replay exactly after a resume without saving generator state, and differ between processes.
+    return (seed * 1_000_003 + rank) * 10_000_019 + iteration
+
+
+def load_train_data(args, data_root: Path, pipeline: str):
+    # The recipe rescales to (2048, 1024) x U[0.5, 2): the Cityscapes size. Synthetic images are smaller, so their
+    # scale is taken relative to their own size, which keeps the recipe's range relative to the native image.
+    img_scale = {}
+    if args.dataset == "synthetic":
+        with Image.open(next((data_root / "leftImg8bit" / "train").glob("*/*.png"))) as image:
+            img_scale = {"img_scale": image.size}  # (w, h)
+    return get_train_data(data_root, pipeline=pipeline, crop_size=tuple(args.crop_size), seed=args.seed, **img_scale)
+
+
+def prepare_data_root(args, accelerator) -> Path:
+    """The dataset root; for --dataset synthetic, generate it first (main process; the others wait)."""
+    if args.dataset == "cityscapes":
+        return Path(args.data_root)
+    root = Path(args.data_root) if args.data_root else Path(args.output_dir) / "synthetic_cityscapes"
+    if accelerator.is_main_process:
+        if not root.exists():  # generate beside, then rename: a crash never leaves a half-written dataset
+            tmp = root.with_name(f".tmp-{root.name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            generate_cityscapes(tmp, **SYNTHETIC)
+            try:
+                tmp.rename(root)
+            except OSError:  # another run generated the same deterministic set meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+        prepare_cityscapes(root, build_cache=True)  # idempotent: labelTrainIds + the fast path's cache
+    accelerator.wait_for_everyone()
+    return root
+
+
+# -------------------------------------------------------------------------------------------------------- model
+def create_model(pretrained: str, channels_last: bool, accelerator) -> HRNetFCNForSemanticSegmentation:
+    model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
+    if pretrained != "none":
+        with accelerator.main_process_first():  # one download into the shared cache, then everyone reads it
+            info = load_pretrained_backbone(model, pretrained)
+        accelerator.print(f"backbone: {info['loaded']} tensors from {info['source']}")
+    model = convert_to_sync_batchnorm(model, accelerator)  # SyncBN only for several CUDA processes
+    return to_channels_last(model) if channels_last else model
+
+
+def create_optimizer_and_scheduler(model, lr: float, max_iters: int):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # transformers' poly schedule with warmup 0 is the recipe's lr(i) = (lr - LR_END) * (1 - i / N) ** 0.9 + LR_END.
+    # It is stepped once per iteration by the loop (the Accelerator is built with step_scheduler_with_optimizer=
+    # False): a prepared scheduler would otherwise step num_processes times per optimizer step, and skip steps
+    # whose fp16 update overflowed, drifting off the recipe's per-iteration curve.
+    scheduler = get_polynomial_decay_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=max_iters,
+                                                          lr_end=LR_END, power=POLY_POWER)
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------------------------ state, timing
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue exactly; saved as JSON in each checkpoint's manifest."""
+
+    iteration: int = 0
+    wall_s: float = 0.0  # training wall time so far (evaluations included), summed over launches
+    steady_images: int = 0  # images and seconds of the steady state (warm-up, evaluations, checkpoints excluded)
+    steady_s: float = 0.0
+    skipped_steps: int = 0  # fp16 updates the gradient scaler skipped (overflow)
+    best_miou: float = -1.0
+    best_iteration: int | None = None
+    best_metrics: dict | None = None
+    final_metrics: dict | None = None
+    time_to_train_s: float | None = None
+    eval_log: list = field(default_factory=list)
+
+
+class Clock:
+    """Wall time and steady-state time of this launch, on top of what earlier launches recorded in `state`.
+
+    Device work is asynchronous: the clock synchronizes only where a measurement ends (start of the steady state,
+    around evaluations and checkpoints, at log points the loss .item() does it), never per iteration.
+    """
+
+    def __init__(self, state: TrainState, device: torch.device, warmup_until: int):
+        self.device, self.warmup_until = device, warmup_until
+        self.t0, self.wall0 = time.perf_counter(), state.wall_s
+        self.steady_t0, self.steady_iter0, self.paused = None, None, 0.0
+        self.steady_images0, self.steady_s0 = state.steady_images, state.steady_s
+
+    def sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def before_iteration(self, iteration: int) -> None:
+        if iteration == self.warmup_until:
+            self.steady_t0, self.steady_iter0 = self.sync(), iteration
+
+    def pause(self) -> float:
+        return self.sync()
+
+    def resume(self, paused_at: float) -> None:
+        self.paused += time.perf_counter() - paused_at
+
+    def wall_s(self) -> float:
+        return self.wall0 + time.perf_counter() - self.t0
+
+    def update(self, state: TrainState, iteration: int, global_batch: int) -> None:
+        """Write this launch's totals up to `iteration` (completed iterations) into `state`."""
+        now = self.sync()
+        state.wall_s = self.wall0 + now - self.t0
+        if self.steady_t0 is not None:
+            state.steady_images = self.steady_images0 + (iteration - self.steady_iter0) * global_batch
+            state.steady_s = self.steady_s0 + now - self.steady_t0 - self.paused
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def to_jsonable(metrics: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else float(v) if isinstance(v, np.generic) else v)
+            for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------- eval, checkpoint
+def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, args, output_dir: Path) -> dict:
+    """Evaluate on the whole val split; record it; keep the best model; note when --target_miou is first met."""
+    metrics = to_jsonable(evaluate_segmentation(model, *val_data, accelerator, num_workers=args.num_workers))
+    miou, iteration, wall_s = metrics["mean_iou"], state.iteration, clock.wall_s()  # wall time when the eval ends
+    state.final_metrics = metrics
+    state.eval_log.append({"iteration": iteration, "wall_s": round(wall_s, 3), "mean_iou": miou})
+    if state.time_to_train_s is None and miou >= args.target_miou:
+        state.time_to_train_s = wall_s
+    if miou > state.best_miou:
+        state.best_miou, state.best_iteration, state.best_metrics = miou, iteration, metrics
+        if accelerator.is_main_process:
+            save_pretrained_atomically(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir / "best")
+    accelerator.print(f"iteration {iteration}: mIoU {miou:.4f} (best {state.best_miou:.4f} at {state.best_iteration})")
+    return {"iteration": iteration, "mean_iou": miou, "mean_accuracy": metrics["mean_accuracy"],
+            "overall_accuracy": metrics["overall_accuracy"]}
+
+
+def run_config(args, accelerator) -> dict:
+    """The settings that define a run's trajectory: resuming with others is refused unless --force_resume."""
+    return {"dataset": args.dataset, "pipeline": default_pipeline(args, accelerator), "crop_size": list(args.crop_size),
+            "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "max_iters": args.max_iters, "lr": args.lr, "seed": args.seed, "pretrained_backbone":
+            args.pretrained_backbone, "mixed_precision": accelerator.mixed_precision}
+
+
+def resume(accelerator, args, checkpoints_dir: Path, config: dict) -> TrainState:
+    """Load the checkpoint --resume_from_checkpoint names (or the newest complete one); a fresh state if none."""
+    if args.resume_from_checkpoint is None:
+        if list_checkpoints(checkpoints_dir):
+            raise SystemExit(f"error: {checkpoints_dir} already holds checkpoints: pass --resume_from_checkpoint "
+                             "latest to continue that run, or choose another --output_dir")
+        return TrainState()
+    try:
+        manifest = load_checkpoint(accelerator, args.resume_from_checkpoint, checkpoints_dir)
+    except ValueError as err:
+        raise SystemExit(f"error: --resume_from_checkpoint: {err}") from None
+    if manifest is None:
+        accelerator.print(f"no checkpoint in {checkpoints_dir}: starting from iteration 0")
+        return TrainState()
+    differences = config_differences(manifest, config, accelerator.num_processes)
+    if differences and not args.force_resume:
+        raise SystemExit("error: --resume_from_checkpoint: the checkpoint was made with other settings ("
+                         + "; ".join(differences) + "); pass --force_resume to continue anyway")
+    accelerator.print(f"resumed from iteration {manifest['iteration']}"
+                      + (f" despite: {'; '.join(differences)}" if differences else ""))
+    return TrainState(**manifest["train_state"])
+
+
+# ------------------------------------------------------------------------------------------------------ results
+def environment(accelerator) -> dict:
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return {"device": name, "device_type": device.type, **versions()}
+
+
+def build_results(state: TrainState, args, accelerator, global_batch: int) -> dict:
+    return {
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "iterations": state.iteration,
+        "global_batch": global_batch,
+        "images_per_sec": state.steady_images / state.steady_s if state.steady_s > 0 else None,
+        "target_miou": args.target_miou,
+        "time_to_train_s": state.time_to_train_s,
+        "total_wall_s": state.wall_s,
+        "final_miou": state.final_metrics["mean_iou"] if state.final_metrics else None,
+        "best_miou": state.best_miou if state.best_metrics else None,
+        "best_iteration": state.best_iteration,
+        "final_metrics": state.final_metrics,
+        "best_metrics": state.best_metrics,
+        "skipped_steps": state.skipped_steps,
+        "eval_log": state.eval_log,
+        "environment": environment(accelerator),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ launch checks
+def default_pipeline(args, accelerator) -> str:
+    # "fast" augments whole batches on the device: a win on GPUs. On the CPU it would run in the training process
+    # instead of in parallel loader workers, so the per-sample "reference" pipeline is the default there.
+    return args.pipeline or ("fast" if accelerator.device.type == "cuda" else "reference")
+
+
+def check_args(args) -> None:
+    """Cheap checks before anything heavy starts: one line naming the argument and what was expected."""
+    positive = ("batch_size", "max_iters", "eval_interval", "checkpoint_interval", "log_interval",
+                "gradient_accumulation_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
+    if args.keep_checkpoints < MIN_KEEP:
+        raise SystemExit(f"error: --keep_checkpoints must be >= {MIN_KEEP}, got {args.keep_checkpoints}")
+    if not LR_END < args.lr:
+        raise SystemExit(f"error: --lr must be above the poly schedule's end value {LR_END}, got {args.lr}")
+    if not 0.0 <= args.target_miou <= 1.0:
+        raise SystemExit(f"error: --target_miou is a fraction in [0, 1] (e.g. 0.7811), got {args.target_miou}")
+    if args.num_workers < 0:
+        raise SystemExit(f"error: --num_workers must be >= 0, got {args.num_workers}")
+    if args.dataset == "cityscapes" and not args.data_root:
+        raise SystemExit("error: --data_root is required with --dataset cityscapes (or use --dataset synthetic)")
+
+
+def check_launch(accelerator) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != accelerator.num_processes:
+        # torchrun/accelerate launch started several processes but Accelerate found no CUDA and fell back to
+        # unrelated single-process runs writing the same files.
+        raise SystemExit(f"error: launched as {world_size} processes but Accelerate runs {accelerator.num_processes}:"
+                         " without GPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)")
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main(args) -> dict:
+    check_args(args)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False,  # see create_optimizer_and_scheduler
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.output_dir, dynamo_backend="inductor" if args.compile else None)
+    check_launch(accelerator)
+    output_dir, device, rank = Path(args.output_dir), accelerator.device, accelerator.process_index
+    checkpoints_dir = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
+    global_batch = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+
+    data_root = prepare_data_root(args, accelerator)
+    train_set, train_on_device = load_train_data(args, data_root, default_pipeline(args, accelerator))
+    val_data = get_val_data(data_root, split="val")
+    sampler = ShardedEpochSampler(len(train_set), accelerator.num_processes, rank, seed=args.seed)
+    if sampler.per_replica < args.batch_size:
+        raise SystemExit(f"error: --batch_size {args.batch_size} x {accelerator.num_processes} processes needs at "
+                         f"least that many training images, {data_root} has {len(train_set)}")
+
+    model = create_model(args.pretrained_backbone, args.channels_last, accelerator)
+    optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    config = run_config(args, accelerator)
+    state = resume(accelerator, args, checkpoints_dir, config)
+    accelerator.init_trackers("train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
+                                               for k, v in vars(args).items()})  # trackers run on the main process
+    accelerator.print(f"{accelerator.num_processes} process(es) on {device}, mixed precision "
+                      f"{accelerator.mixed_precision}, global batch {global_batch}, iterations "
+                      f"{state.iteration} -> {args.max_iters}, pipeline {config['pipeline']}")
+
+    batches = train_batches(train_set, sampler, args.batch_size, args.num_workers,
+                            first_batch=state.iteration * args.gradient_accumulation_steps,
+                            pin_memory=device.type == "cuda")
+    generator = torch.Generator(device=device)
+    clock = Clock(state, device, warmup_until=state.iteration + min(WARMUP_ITERS,
+                                                                    (args.max_iters - state.iteration) // 4))
+    loss_sum, window_start, data_time, window_paused = torch.zeros((), device=device), state.iteration, 0.0, 0.0
+    log_t0 = time.perf_counter()
+    log_file = output_dir / "train_log.jsonl"
+    model.train()
+    progress = tqdm(total=args.max_iters, initial=state.iteration, disable=not accelerator.is_local_main_process,
+                    desc="train")
+    for iteration in range(state.iteration, args.max_iters):
+        clock.before_iteration(iteration)
+        generator.manual_seed(augmentation_seed(args.seed, rank, iteration))
+        for _ in range(args.gradient_accumulation_steps):
+            t = time.perf_counter()
+            pixel_values, labels = train_on_device(to_device(next(batches), device), generator)
+            if args.channels_last:
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            data_time += time.perf_counter() - t
+            with accelerator.accumulate(model):  # no DDP all-reduce and no optimizer step until the last one
+                loss = model(pixel_values=pixel_values, labels=labels).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        state.skipped_steps += int(accelerator.optimizer_step_was_skipped)  # fp16 only; the scaler syncs anyway
+        lr = scheduler.get_last_lr()[0]  # the lr this iteration's update used
+        scheduler.step()
+        state.iteration = done = iteration + 1
+        progress.update()
+
+        if done % args.log_interval == 0 or done == args.max_iters:
+            loss_mean = accelerator.reduce(loss_sum, "mean").item() / ((done - window_start)
+                                                                        * args.gradient_accumulation_steps)
+            seconds = (time.perf_counter() - log_t0 - (clock.paused - window_paused)) / (done - window_start)
+            record = {"iteration": done, "loss": loss_mean, "lr": lr, "time_per_iter_s": seconds,
+                      "data_time_s": data_time / (done - window_start), "images_per_s": global_batch / seconds,
+                      "peak_memory_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps}
+            log(accelerator, log_file, record, progress)
+            loss_sum.zero_()
+            window_start, data_time, window_paused, log_t0 = done, 0.0, clock.paused, time.perf_counter()
+
+        if done % args.eval_interval == 0 or done == args.max_iters:
+            paused_at = clock.pause()
+            clock.update(state, done, global_batch)
+            log(accelerator, log_file, evaluate_and_track(model, val_data, accelerator, state, clock, args,
+                                                          output_dir))
+            clock.resume(paused_at)
+        if done % args.checkpoint_interval == 0 or done == args.max_iters:
+            paused_at = clock.pause()
+            clock.update(state, done, global_batch)
+            save_checkpoint(accelerator, checkpoints_dir, done, keep=args.keep_checkpoints, config=config,
+                            train_state=asdict(state))
+            clock.resume(paused_at)
+    progress.close()
+
+    if state.final_metrics is None:  # only when resuming past --max_iters (forced): the loop did not run
+        evaluate_and_track(model, val_data, accelerator, state, clock, args, output_dir)
+    clock.update(state, state.iteration, global_batch)
+    results = build_results(state, args, accelerator, global_batch)
+    if accelerator.is_main_process:
+        save_pretrained_atomically(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir / "final")
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    accelerator.print(f"done: final mIoU {results['final_miou']:.4f}, best {results['best_miou']:.4f}, "
+                      f"{results['images_per_sec'] or math.nan:.2f} images/s; results in {output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # stops trackers and destroys the process group (else torchrun reports SIGABRT)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def log(accelerator, log_file: Path, record: dict, progress=None) -> None:
+    """One record to the trackers, to train_log.jsonl and to the progress bar (main process only)."""
+    accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
+    if accelerator.is_main_process:
+        with open(log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=("cityscapes", "synthetic"), default="cityscapes",
+                      help="synthetic: generate a small Cityscapes-format set (under --data_root if given, else "
+                           "OUTPUT_DIR/synthetic_cityscapes) and train on it")
+    data.add_argument("--data_root", default=None, help="Cityscapes root (leftImg8bit/, gtFine/ after "
+                      "scripts/prepare_cityscapes.py)")
+    data.add_argument("--pipeline", choices=("fast", "reference"), default=None,
+                      help="training augmentation: fast = batched on the device (default on GPUs), reference = "
+                           "per sample in the loader workers (default on the CPU)")
+    data.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    data.add_argument("--num_workers", type=int, default=2, help="loader workers per process (the reference: 2)")
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--batch_size", type=int, default=2, help="images per process per micro-batch")
+    recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    recipe.add_argument("--max_iters", type=int, default=80_000, help="optimizer steps")
+    recipe.add_argument("--lr", type=float, default=0.01, help=f"initial lr; poly {POLY_POWER} decay to {LR_END}")
+    recipe.add_argument("--pretrained_backbone", default=DEFAULT_PRETRAINED,
+                        help="timm tag, local weights file, or 'none' (random init)")
+    recipe.add_argument("--seed", type=int, default=0)
+    speed = parser.add_argument_group("speed (precision comes from the Accelerate config)")
+    speed.add_argument("--channels_last", action="store_true")
+    speed.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="out/train")
+    run.add_argument("--eval_interval", type=int, default=1000, help="iterations (the benchmark: 1000); "
+                     "the last iteration is always evaluated")
+    run.add_argument("--target_miou", type=float, default=0.7811,
+                     help="Time2train: wall seconds until the first evaluation at or above this mIoU (fraction)")
+    run.add_argument("--checkpoint_interval", type=int, default=1000)
+    run.add_argument("--keep_checkpoints", type=int, default=2, help=f"complete checkpoints kept (>= {MIN_KEEP})")
+    run.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None, metavar="latest|PATH",
+                     help="'latest' (the default when given without a value): the newest complete checkpoint in "
+                          "OUTPUT_DIR/checkpoints, or a fresh start if there is none")
+    run.add_argument("--force_resume", action="store_true",
+                     help="resume even if the checkpoint was made with other settings or another process count")
+    run.add_argument("--log_interval", type=int, default=50)
+    run.add_argument("--report_to", default="none",
+                     help="Accelerate trackers: none, all, tensorboard, wandb, ... (comma-free single name)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,53 @@
+"""Every accelerate_configs/*.yaml parses with Accelerate's own loader and says what its name promises."""
+
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.utils import DistributedType
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
+# name -> (distributed type, total processes, machines, mixed precision, use_cpu)
+EXPECTED = {
+    "1gpu.yaml": (DistributedType.NO, 1, 1, "no", False),
+    "1gpu_fp16.yaml": (DistributedType.NO, 1, 1, "fp16", False),
+    "1gpu_bf16.yaml": (DistributedType.NO, 1, 1, "bf16", False),
+    "8gpu.yaml": (DistributedType.MULTI_GPU, 8, 1, "no", False),
+    "8gpu_fp16.yaml": (DistributedType.MULTI_GPU, 8, 1, "fp16", False),
+    "8gpu_bf16.yaml": (DistributedType.MULTI_GPU, 8, 1, "bf16", False),
+    "2node_8gpu.yaml": (DistributedType.MULTI_GPU, 16, 2, "fp16", False),
+    "cpu.yaml": (DistributedType.NO, 1, 1, "no", True),
+    # torchrun launcher + ACCELERATE_USE_CPU=1 (see the file's header for why not MULTI_CPU)
+    "cpu_2proc.yaml": (DistributedType.MULTI_GPU, 2, 1, "no", True),
+}
+
+
+def test_the_expected_set_of_configs_exists():
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_parses_with_accelerate_and_matches_its_name(name):
+    config = load_config_from_file(str(CONFIG_DIR / name))
+    assert isinstance(config, ClusterConfig)
+    distributed_type, num_processes, num_machines, mixed_precision, use_cpu = EXPECTED[name]
+    assert config.distributed_type == distributed_type
+    assert config.num_processes == num_processes
+    assert config.num_machines == num_machines
+    assert config.mixed_precision == mixed_precision
+    assert config.use_cpu is use_cpu
+    assert config.dynamo_config == {}  # --compile is the script's flag; a config must not compile behind its back
+
+
+def test_every_config_documents_its_launch_command():
+    for name in EXPECTED:
+        header = (CONFIG_DIR / name).read_text().split("compute_environment")[0]
+        assert "accelerate launch --config_file accelerate_configs/" + name in header, name
+
+
+def test_two_node_example_has_documented_placeholders():
+    text = (CONFIG_DIR / "2node_8gpu.yaml").read_text()
+    config = load_config_from_file(str(CONFIG_DIR / "2node_8gpu.yaml"))
+    assert config.main_process_ip == "REPLACE_WITH_MAIN_NODE_IP" and config.machine_rank == 0
+    assert "machine_rank" in text.split("compute_environment")[0]
+    assert "main_process_ip" in text.split("compute_environment")[0]
