@@ -1,0 +1,229 @@
+"""scripts/benchmark.py throughput and report (issue 7).
+
+report: hand-written results.json files whose figures are known, so the speedup arithmetic, Time2train read from the
+evaluation log (not from the run's own field), the target override, '-' for missing runs and fields, and the plots
+are checked against values computed here. The reference's own speedups (2.98, 3.43) come out of the same code.
+throughput: the collective counter on a one-process gloo group with DDP (units), then two real `accelerate launch`
+runs on the CPU, started together to share the start-up cost: random input, and synthetic Cityscapes through the
+fast path; their JSON is checked and fed to `report`.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "benchmark.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: `import train` finds scripts/train.py
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(SCRIPT.parent))
+
+
+def report(bench, out_dir, *runs, target=None) -> dict:
+    argv = ["report", *map(str, runs), "--out_dir", str(out_dir)]
+    return bench.main(bench.get_args_parser().parse_args(argv + (["--target_miou", str(target)] if target
+                                                                         else [])))
+
+
+def write_results(folder: Path, **fields) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(fields))
+    return folder
+
+
+def metrics(miou: float) -> dict:
+    per_class = [miou] * 18 + [float("nan")]  # a class absent from the split
+    return {"mean_iou": miou, "per_category_iou": per_class}
+
+
+def table_line(markdown: str, start: str) -> list[str]:
+    """The cells of the first Markdown table line starting with `start` (e.g. '| 8 | fp32 |')."""
+    line = next(line for line in markdown.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """1 and 8 GPUs fp32 (trained), 8 GPUs fp16 without its 1-GPU partner; figures chosen to be checkable."""
+    fp32_1 = write_results(tmp_path / "fp32_1gpu", num_processes=1, mixed_precision="no", global_batch=2,
+                           images_per_sec=7.5, target_miou=0.7811, time_to_train_s=None, best_miou=0.5,
+                           final_miou=0.5, eval_log=[{"iteration": 1000, "wall_s": 300.0, "mean_iou": 0.5}],
+                           environment={"device": "GPU A"})
+    fp32_8 = write_results(tmp_path / "fp32_8gpu", num_processes=8, mixed_precision="no", global_batch=16,
+                           images_per_sec=30.0, target_miou=0.7811, best_miou=0.8, final_miou=0.79,
+                           best_metrics=metrics(0.8), final_metrics=metrics(0.79),
+                           eval_log=[{"iteration": 1000, "wall_s": 100.0, "mean_iou": 0.70},
+                                     {"iteration": 2000, "wall_s": 250.5, "mean_iou": 0.7811},
+                                     {"iteration": 3000, "wall_s": 400.0, "mean_iou": 0.80},
+                                     {"iteration": 4000, "wall_s": 550.0, "mean_iou": 0.79}],
+                           environment={"device": "GPU A"})
+    # its own time_to_train_s disagrees with its log on purpose: the report must read the log
+    fp16_8 = write_results(tmp_path / "fp16_8gpu", num_processes=8, mixed_precision="fp16", global_batch=16,
+                           images_per_sec=40.0, target_miou=0.7811, time_to_train_s=999.0, best_miou=0.79,
+                           final_miou=0.79, final_metrics=metrics(0.79),
+                           eval_log=[{"iteration": 1000, "wall_s": 120.0, "mean_iou": 0.6},
+                                     {"iteration": 2000, "wall_s": 300.0, "mean_iou": 0.79}])
+    return fp32_1, fp32_8, fp16_8
+
+
+def test_report_table_speedup_time2train_and_plots(bench, runs, tmp_path):
+    out = tmp_path / "report"
+    results = report(bench, out, *runs)
+    rows = {row["run"]: row for row in results["runs"]}
+    assert rows["fp32_8gpu"]["speedup"] == pytest.approx(30.0 / 7.5)
+    assert rows["fp32_8gpu"]["scaling_pct"] == pytest.approx(100 * 30.0 / 7.5 / 8)
+    assert rows["fp32_1gpu"]["speedup"] == pytest.approx(1.0)
+    assert rows["fp16_8gpu"]["speedup"] is None  # no 1-GPU fp16 run
+    assert rows["fp32_8gpu"]["time_to_train_s"] == 250.5  # first eval >= 0.7811 (equal counts)
+    assert rows["fp32_8gpu"]["miou_pct"] == pytest.approx(78.11)
+    assert rows["fp16_8gpu"]["time_to_train_s"] == 300.0  # from the log, not the run's 999
+    assert rows["fp32_1gpu"]["time_to_train_s"] is None  # never reached
+    assert rows["fp32_8gpu"]["best_miou_pct"] == pytest.approx(80.0)
+    assert rows["fp32_8gpu"]["setting"] == rows["fp32_1gpu"]["setting"] == "batch 2/process"
+
+    # the reference's published speedups come out of the same arithmetic
+    reference = {(r["gpu_count"], r["precision"]): r for r in results["reference"]}
+    assert round(reference[8, "fp32"]["speedup"], 2) == 2.98
+    assert round(reference[8, "fp16"]["speedup"], 2) == 3.43
+
+    markdown = (out / "report.md").read_text()
+    assert table_line(markdown, "| 8 | fp32 |") == ["8", "fp32", "fp32_8gpu", "250.50", "30.00", "78.11", "4.00",
+                                                  "57574.09", "20.88", "78.11", "2.98"]
+    assert table_line(markdown, "| 8 | fp16 |")[2:7] == ["fp16_8gpu", "300.00", "40.00", "79.00", "-"]
+    # the 1-GPU fp16 run is missing: every one of our cells is '-', the reference's are there
+    assert table_line(markdown, "| 1 | fp16 |") == ["1", "fp16", "-", "-", "-", "-", "-", "-", "5.20", "-", "1.00"]
+    assert json.loads((out / "report.json").read_text())["seed_table"] == json.loads(json.dumps(
+        results["seed_table"]))
+    assert [t["gpu_count"] for t in results["seed_table"]] == [1, 8, 1, 8]
+    for name in ("miou_vs_time.png", "images_per_sec.png", "per_class_iou.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in markdown
+
+
+def test_report_target_override_and_missing_fields(bench, runs, tmp_path):
+    sparse = write_results(tmp_path / "sparse", num_processes=2)  # a run that recorded almost nothing
+    results = report(bench, tmp_path / "report", runs[1], sparse, target=0.75)
+    rows = {row["run"]: row for row in results["runs"]}
+    assert rows["fp32_8gpu"]["time_to_train_s"] == 250.5  # 0.70 < 0.75 <= 0.7811
+    assert rows["fp32_8gpu"]["target_miou_pct"] == pytest.approx(75.0)
+    assert rows["sparse"]["speedup"] is None and rows["sparse"]["images_per_sec"] is None
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert table_line(markdown, "| sparse |") == ["sparse", "train", "2"] + ["-"] * 9 + ["75.00"] + ["-"] * 3
+    assert table_line(markdown, "| 2 | - |")[2:] == ["sparse"] + ["-"] * 8  # an extra configuration row
+    report(bench, tmp_path / "report2", runs[1], target=0.81)  # never reached -> '-'
+    assert table_line((tmp_path / "report2" / "report.md").read_text(), "| 8 | fp32 |")[3:7] == ["-", "30.00", "-",
+                                                                                                "-"]
+
+
+def test_report_bad_input(bench, tmp_path):
+    with pytest.raises(SystemExit, match="fraction"):
+        report(bench, tmp_path / "r", tmp_path, target=78.11)
+    with pytest.raises(SystemExit, match="missing_run"):
+        report(bench, tmp_path / "r", tmp_path / "missing_run")
+    (tmp_path / "other.json").write_text(json.dumps({"loss": 1.0}))
+    with pytest.raises(SystemExit, match="other.json"):
+        report(bench, tmp_path / "r", tmp_path / "other.json")
+
+
+def test_collective_counter_sees_ddp_buckets_and_buffer_broadcast(bench):
+    """One-process gloo group: DDP still all-reduces each gradient bucket and broadcasts buffers every forward."""
+    import torch.distributed as dist
+
+    original = dist.all_reduce
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 300), torch.nn.BatchNorm1d(300), torch.nn.Linear(300, 4))
+        # a 0.001 MB cap puts each parameter tensor (>= 4 x 300 floats) in its own bucket after the first step
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+        bench.count_gradient_buckets(ddp)
+        with bench.CollectiveCounter() as counter:
+            ddp(torch.randn(8, 4)).sum().backward()  # first step: DDP rebuilds its buckets afterwards
+            before = counter.counts.copy()
+            for _ in range(2):
+                ddp(torch.randn(8, 4)).sum().backward()
+            per_step = {k: v / 2 for k, v in (counter.counts - before).items()}
+        # gradients stay right through the rerouted hook: d(sum of 8 x 4 outputs)/d(last bias) = 8 per output
+        model.zero_grad()
+        ddp(torch.randn(8, 4)).sum().backward()
+        assert torch.equal(model[2].bias.grad, torch.full((4,), 8.0))
+    finally:
+        dist.destroy_process_group()
+    assert dist.all_reduce is original  # the counter restored torch.distributed
+    assert per_step["_broadcast_coalesced"] == 1  # BN buffers, once per forward
+    assert 2 <= per_step["all_reduce"] <= 6  # 6 parameter tensors, some possibly sharing a bucket
+
+
+# ------------------------------------------------------------------------------------- through the real launcher
+TINY = ["--crop_size", "64", "128", "--batch_size", "1", "--warmup", "1", "--iters", "2"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Two `accelerate launch` runs started together: random input (channels_last), and the fast data path."""
+    from data.prepare import prepare_cityscapes
+    from data.synthetic import generate_cityscapes
+
+    tmp = tmp_path_factory.mktemp("throughput")
+    root = generate_cityscapes(tmp / "cs", num_train=2, num_val=1, num_test=0, height=128, width=256)
+    prepare_cityscapes(root)  # labelTrainIds; the fast path builds its cache itself
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
+              "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), str(SCRIPT), "throughput", *TINY]
+    commands = {"synthetic": [*launch, "--synthetic_input", "--channels_last"],
+                "fast": [*launch, "--data_root", str(root), "--num_workers", "0"]}
+    processes = {name: subprocess.Popen([*command, "--out", str(tmp / f"{name}.json")], cwd=tmp,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for name, command in commands.items()}
+    for name, process in processes.items():
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, f"{name}:\n{output[-3000:]}"
+    return {name: json.loads((tmp / f"{name}.json").read_text()) for name in commands} | {"dir": tmp}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["synthetic", "fast"])
+def test_throughput_json(launched, name):
+    result = launched[name]
+    assert result["mode"] == "throughput" and result["input"] == name
+    assert result["num_processes"] == 1 and result["mixed_precision"] == "no"
+    assert result["global_batch"] == result["batch_size"] * result["num_processes"] == 1
+    assert result["crop_size"] == [64, 128] and result["iters"] == 2 and result["warmup"] == 1
+    assert result["channels_last"] is (name == "synthetic") and result["compile"] is False
+    assert result["images_per_sec"] > 0 and result["s_per_iter"] > 0
+    assert result["images_per_sec"] == pytest.approx(result["global_batch"] / result["s_per_iter"])
+    assert 0 <= result["data_wait_s"] < result["s_per_iter"]
+    assert result["data_wait_pct"] == pytest.approx(100 * result["data_wait_s"] / result["s_per_iter"])
+    assert result["collectives_per_step"] == 0 and result["collectives_by_name"] == {}  # one process: none
+    assert result["host_syncs_per_step"] is None  # CUDA only
+    assert result["peak_memory_gib"] > 0 and result["sync_batchnorm"] is False
+    assert 0 < result["loss_mean"] < 10  # cross-entropy of 19 classes from random weights: about ln 19 = 2.9
+    assert result["device"].startswith("CPU") and result["environment"]["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_report_over_throughput_runs(bench, launched, runs, tmp_path):
+    files = [launched["dir"] / "synthetic.json", launched["dir"] / "fast.json"]
+    results = report(bench, tmp_path / "report", *files, runs[1])
+    rows = {row["run"]: row for row in results["runs"]}
+    assert rows["synthetic"]["source"] == rows["fast"]["source"] == "throughput"
+    assert rows["synthetic"]["batchnorm"] == "BN"  # one process: never SyncBN
+    assert rows["synthetic"]["images_per_sec"] == launched["synthetic"]["images_per_sec"]
+    assert rows["synthetic"]["setting"] == "batch 1/process, crop 64x128, synthetic input, channels_last"
+    assert rows["fast"]["speedup"] == pytest.approx(1.0)  # a 1-process run is its own baseline
+    assert rows["fp32_8gpu"]["speedup"] is None  # a train run is never compared with a throughput run
+    seed = {(t["gpu_count"], t["precision"]): t for t in results["seed_table"]}
+    assert seed[1, "fp32"]["run"] == "synthetic" and seed[8, "fp32"]["run"] == "fp32_8gpu"
+    assert (tmp_path / "report" / "images_per_sec.png").read_bytes()[:8] == PNG_MAGIC
