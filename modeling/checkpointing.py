@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 
+from modeling.reliability import check_checkpoint_fits
+
 MANIFEST = "manifest.json"
 MIN_KEEP = 2  # a checkpoint corrupted after it was written must leave a complete one behind
 _NAME = re.compile(r"^iter_(\d+)$")
@@ -219,11 +221,13 @@ def config_differences(manifest: dict, config: dict, world_size: int) -> list[st
 
 
 # ----------------------------------------------------------------------------------------------------------- load
-def load_checkpoint(accelerator, spec: str, checkpoints_dir) -> dict | None:
+def load_checkpoint(accelerator, spec: str, checkpoints_dir, model=None) -> dict | None:
     """Resolve `spec` ("latest" or a folder) on the main process, tell every process, load it everywhere.
 
     Returns the manifest (None when "latest" found no checkpoint folder). A bad checkpoint raises ValueError on
     every process (so none is left waiting in a collective). Skipped folders are printed by the main process.
+    With `model`, the checkpoint's tensor names and shapes are compared with it first (another number of classes
+    is named as such rather than failing deep inside load_state_dict).
     """
     answer = [None, None]  # [path, error]
     if accelerator.is_main_process:
@@ -240,6 +244,8 @@ def load_checkpoint(accelerator, spec: str, checkpoints_dir) -> dict | None:
         raise ValueError(error)
     if path is None:
         return None
+    if model is not None and (Path(path) / "model.safetensors").is_file():
+        check_checkpoint_fits(accelerator.unwrap_model(model), Path(path) / "model.safetensors")
     try:
         accelerator.load_state(path)
     except pickle.UnpicklingError as err:  # a global that weights_only=True refuses: never unpickled

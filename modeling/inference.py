@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from modeling.convert import convert_mmseg_state_dict
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 from modeling.metrics import MeanIoU
+from modeling.reliability import loader_kwargs
 from modeling.utils import read_weights_file
 
 MODES = ("whole", "slide", "aug")
@@ -160,8 +161,10 @@ def evaluate_segmentation(model, dataset, on_device: Callable, accelerator, batc
     metric = MeanIoU(num_labels=num_labels, ignore_index=ignore_index, device=accelerator.device)
 
     shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    # loader_kwargs: a timeout instead of a silent hang, and workers that survive a job-wide preemption signal
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=False)
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=False,
+                        **loader_kwargs(num_workers))
     was_training = model.training
     model.eval()
     try:

@@ -6,6 +6,7 @@
     # the recipe: 8 GPUs x batch 2, fp16 (1 GPU: accelerate_configs/1gpu.yaml; precision comes from the config)
     accelerate launch --config_file accelerate_configs/8gpu_fp16.yaml scripts/train.py --data_root data/cityscapes
     # after a crash or preemption: the same command plus --resume_from_checkpoint latest
+    # SIGTERM / SIGUSR1: the iteration finishes, a checkpoint is saved, exit code 75 (README: Reliability)
 
 Accelerate owns the devices, DDP, mixed precision and the gradient scaler; this script owns the recipe. The loop
 counts iterations (optimizer steps; one iteration = gradient_accumulation_steps micro-batches per process), not
@@ -38,8 +39,10 @@ from tqdm.auto import tqdm
 from transformers import get_polynomial_decay_schedule_with_warmup
 
 from data import get_train_data, get_val_data
+from data.cityscapes import discover
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
+from data.transforms import IMG_SCALE
 from modeling import (
     DEFAULT_PRETRAINED,
     HRNetFCNConfig,
@@ -58,6 +61,22 @@ from modeling.checkpointing import (
     versions,
 )
 from modeling.inference import evaluate_segmentation
+from modeling.reliability import (
+    DEFAULT_LOADER_TIMEOUT,
+    EXIT_PREEMPTED,
+    NonFiniteError,
+    PreemptionFlag,
+    StepGuard,
+    check_crop_fits,
+    check_finite_state,
+    check_pretrained_source,
+    check_split_files,
+    clear_preemption_marker,
+    explain_loader_errors,
+    loader_kwargs,
+    signal_name,
+    write_preemption_marker,
+)
 
 # The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
 MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
@@ -97,23 +116,24 @@ class ShardedEpochSampler(Sampler):
 
 
 def train_batches(dataset, sampler: ShardedEpochSampler, batch_size: int, num_workers: int, first_batch: int,
-                  pin_memory: bool):
+                  pin_memory: bool, timeout: float = DEFAULT_LOADER_TIMEOUT):
     """Endless stream of this process's micro-batches, starting at micro-batch `first_batch` of the run.
 
     Epoch e's batches are the sampler's order cut into batch_size pieces (the incomplete last one dropped).
     dataset.set_epoch(e) makes the per-sample augmentation draws depend on the epoch; the datasets keep the epoch
-    in shared memory, so it reaches the persistent workers before they load anything of epoch e.
+    in shared memory, so it reaches the persistent workers before they load anything of epoch e. A worker that
+    hangs for `timeout` seconds or dies is a clear error (modeling/reliability.py), not a silent hang.
     """
     per_epoch = sampler.per_replica // batch_size
     epoch, skip = divmod(first_batch, per_epoch)
     # worker seeds come from this generator, not from the global RNG, so they replay on resume too
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                         pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(sampler.seed))
+                        generator=torch.Generator().manual_seed(sampler.seed), **loader_kwargs(num_workers, timeout))
     while True:
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start=skip * batch_size)
-        yield from loader
+        yield from explain_loader_errors(loader, "training data", timeout)
         epoch, skip = epoch + 1, 0
 
 
@@ -127,14 +147,30 @@ def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
     return (seed * 1_000_003 + rank) * 10_000_019 + iteration
 
 
-def load_train_data(args, data_root: Path, pipeline: str):
+def train_img_scale(args, data_root: Path) -> tuple[int, int]:
     # The recipe rescales to (2048, 1024) x U[0.5, 2): the Cityscapes size. Synthetic images are smaller, so their
     # scale is taken relative to their own size, which keeps the recipe's range relative to the native image.
-    img_scale = {}
-    if args.dataset == "synthetic":
-        with Image.open(next((data_root / "leftImg8bit" / "train").glob("*/*.png"))) as image:
-            img_scale = {"img_scale": image.size}  # (w, h)
-    return get_train_data(data_root, pipeline=pipeline, crop_size=tuple(args.crop_size), seed=args.seed, **img_scale)
+    if args.dataset != "synthetic":
+        return IMG_SCALE
+    with Image.open(next((data_root / "leftImg8bit" / "train").glob("*/*.png"))) as image:
+        return image.size  # (w, h)
+
+
+def load_train_data(args, data_root: Path, pipeline: str):
+    return get_train_data(data_root, pipeline=pipeline, crop_size=tuple(args.crop_size), seed=args.seed,
+                          img_scale=train_img_scale(args, data_root))
+
+
+def check_data(args, data_root: Path) -> None:
+    """Cheap checks before anything heavy (cache, model): layout, complete PNGs, trainIds, a crop that fits."""
+    try:
+        sources = {split: discover(data_root, split) for split in ("train", "val")}
+        for source in sources.values():
+            check_split_files(source)
+        with Image.open(sources["train"][0]["image"]) as image:
+            check_crop_fits(image.size[::-1], args.crop_size, train_img_scale(args, data_root))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --data_root: {err}") from None
 
 
 def prepare_data_root(args, accelerator) -> Path:
@@ -161,14 +197,18 @@ def create_model(pretrained: str, channels_last: bool, accelerator) -> HRNetFCNF
     model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
     if pretrained != "none":
         with accelerator.main_process_first():  # one download into the shared cache, then everyone reads it
-            info = load_pretrained_backbone(model, pretrained)
+            try:
+                info = load_pretrained_backbone(model, pretrained)
+            except (FileNotFoundError, ValueError) as err:
+                raise SystemExit(f"error: --pretrained_backbone: {err}") from None
         accelerator.print(f"backbone: {info['loaded']} tensors from {info['source']}")
     model = convert_to_sync_batchnorm(model, accelerator)  # SyncBN only for several CUDA processes
     return to_channels_last(model) if channels_last else model
 
 
 def create_optimizer_and_scheduler(model, lr: float, max_iters: int):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # fused: one kernel for the whole update, which also skips a non-finite update on the device (reliability.py)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
     # transformers' poly schedule with warmup 0 is the recipe's lr(i) = (lr - LR_END) * (1 - i / N) ** 0.9 + LR_END.
     # It is stepped once per iteration by the loop (the Accelerator is built with step_scheduler_with_optimizer=
     # False): a prepared scheduler would otherwise step num_processes times per optimizer step, and skip steps
@@ -187,7 +227,7 @@ class TrainState:
     wall_s: float = 0.0  # training wall time so far (evaluations included), summed over launches
     steady_images: int = 0  # images and seconds of the steady state (warm-up, evaluations, checkpoints excluded)
     steady_s: float = 0.0
-    skipped_steps: int = 0  # fp16 updates the gradient scaler skipped (overflow)
+    skipped_steps: int = 0  # updates not applied: non-finite loss/gradients, or fp16 overflow (the scaler's skips)
     best_miou: float = -1.0
     best_iteration: int | None = None
     best_metrics: dict | None = None
@@ -274,7 +314,7 @@ def run_config(args, accelerator) -> dict:
             args.pretrained_backbone, "mixed_precision": accelerator.mixed_precision}
 
 
-def resume(accelerator, args, checkpoints_dir: Path, config: dict) -> TrainState:
+def resume(accelerator, args, checkpoints_dir: Path, config: dict, model) -> TrainState:
     """Load the checkpoint --resume_from_checkpoint names (or the newest complete one); a fresh state if none."""
     if args.resume_from_checkpoint is None:
         if list_checkpoints(checkpoints_dir):
@@ -282,7 +322,7 @@ def resume(accelerator, args, checkpoints_dir: Path, config: dict) -> TrainState
                              "latest to continue that run, or choose another --output_dir")
         return TrainState()
     try:
-        manifest = load_checkpoint(accelerator, args.resume_from_checkpoint, checkpoints_dir)
+        manifest = load_checkpoint(accelerator, args.resume_from_checkpoint, checkpoints_dir, model)
     except ValueError as err:
         raise SystemExit(f"error: --resume_from_checkpoint: {err}") from None
     if manifest is None:
@@ -335,7 +375,7 @@ def default_pipeline(args, accelerator) -> str:
 def check_args(args) -> None:
     """Cheap checks before anything heavy starts: one line naming the argument and what was expected."""
     positive = ("batch_size", "max_iters", "eval_interval", "checkpoint_interval", "log_interval",
-                "gradient_accumulation_steps")
+                "gradient_accumulation_steps", "check_interval", "max_nonfinite_steps")
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
@@ -347,6 +387,12 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --target_miou is a fraction in [0, 1] (e.g. 0.7811), got {args.target_miou}")
     if args.num_workers < 0:
         raise SystemExit(f"error: --num_workers must be >= 0, got {args.num_workers}")
+    if not args.loader_timeout > 0:
+        raise SystemExit(f"error: --loader_timeout must be > 0 seconds, got {args.loader_timeout}")
+    try:
+        check_pretrained_source(args.pretrained_backbone)  # before any download or heavy work
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     if args.dataset == "cityscapes" and not args.data_root:
         raise SystemExit("error: --data_root is required with --dataset cityscapes (or use --dataset synthetic)")
 
@@ -360,9 +406,53 @@ def check_launch(accelerator) -> None:
                          " without GPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)")
 
 
+# -------------------------------------------------------------------------------------------------- reliability
+def check_health(guard: StepGuard, done: int) -> int | None:
+    """The periodic cross-process check: the number of a preemption signal any process received, else None."""
+    try:
+        return guard.check(done)
+    except NonFiniteError as err:  # too many consecutive non-finite steps (none of them applied)
+        raise SystemExit(f"error: {err}") from None
+
+
+def save(accelerator, model, state: TrainState, clock, guard: StepGuard, config: dict, args, global_batch: int) -> Path:
+    """Checkpoint the state after state.iteration iterations (collective), never a non-finite one."""
+    paused_at = clock.pause()
+    clock.update(state, state.iteration, global_batch)
+    state.skipped_steps = guard.skipped_steps
+    try:
+        check_finite_state(accelerator.unwrap_model(model), state.iteration)
+    except NonFiniteError as err:
+        raise SystemExit(f"error: {err}") from None
+    path = save_checkpoint(accelerator, Path(args.output_dir) / "checkpoints", state.iteration,
+                           keep=args.keep_checkpoints, config=config, train_state=asdict(state))
+    clock.resume(paused_at)
+    return path
+
+
+def exit_preempted(accelerator, preemption: PreemptionFlag, signum: int, iteration: int, checkpoint: Path,
+                   output_dir: Path) -> None:
+    """After a preemption signal seen by every process: leave a marker, end cleanly, exit with EXIT_PREEMPTED."""
+    if accelerator.is_main_process:
+        write_preemption_marker(output_dir, iteration, signum, checkpoint)
+    accelerator.print(f"{signal_name(signum)}: stopped after iteration {iteration}, checkpoint {checkpoint}; exit "
+                      f"code {EXIT_PREEMPTED}: run the same command (with --resume_from_checkpoint) to continue")
+    shutdown(accelerator, preemption)
+    raise SystemExit(EXIT_PREEMPTED)
+
+
+def shutdown(accelerator, preemption: PreemptionFlag) -> None:
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # stops trackers and destroys the process group (else torchrun reports SIGABRT)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    preemption.restore()
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
     check_args(args)
+    preemption = PreemptionFlag().install()  # SIGTERM / SIGUSR1 only set a flag, acted on between iterations
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False,  # see create_optimizer_and_scheduler
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -372,10 +462,12 @@ def main(args) -> dict:
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        clear_preemption_marker(output_dir)
     set_seed(args.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
     global_batch = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
     data_root = prepare_data_root(args, accelerator)
+    check_data(args, data_root)
     train_set, train_on_device = load_train_data(args, data_root, default_pipeline(args, accelerator))
     val_data = get_val_data(data_root, split="val")
     sampler = ShardedEpochSampler(len(train_set), accelerator.num_processes, rank, seed=args.seed)
@@ -387,7 +479,9 @@ def main(args) -> dict:
     optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     config = run_config(args, accelerator)
-    state = resume(accelerator, args, checkpoints_dir, config)
+    state = resume(accelerator, args, checkpoints_dir, config, model)
+    guard = StepGuard(accelerator, model, optimizer, preemption, max_nonfinite_steps=args.max_nonfinite_steps,
+                      check_interval=args.check_interval, skipped_steps=state.skipped_steps)
     accelerator.init_trackers("train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                for k, v in vars(args).items()})  # trackers run on the main process
     accelerator.print(f"{accelerator.num_processes} process(es) on {device}, mixed precision "
@@ -396,7 +490,7 @@ def main(args) -> dict:
 
     batches = train_batches(train_set, sampler, args.batch_size, args.num_workers,
                             first_batch=state.iteration * args.gradient_accumulation_steps,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", timeout=args.loader_timeout)
     generator = torch.Generator(device=device)
     clock = Clock(state, device, warmup_until=state.iteration + min(WARMUP_ITERS,
                                                                     (args.max_iters - state.iteration) // 4))
@@ -418,14 +512,16 @@ def main(args) -> dict:
             with accelerator.accumulate(model):  # no DDP all-reduce and no optimizer step until the last one
                 loss = model(pixel_values=pixel_values, labels=labels).loss
                 accelerator.backward(loss)
+                guard.before_optimizer_step(iteration)  # a non-finite update is not applied
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        state.skipped_steps += int(accelerator.optimizer_step_was_skipped)  # fp16 only; the scaler syncs anyway
+        guard.after_iteration()  # counts the skipped updates, on the device
         lr = scheduler.get_last_lr()[0]  # the lr this iteration's update used
         scheduler.step()
         state.iteration = done = iteration + 1
         progress.update()
+        preempted = done < args.max_iters and check_health(guard, done)  # a signal number, every --check_interval
 
         if done % args.log_interval == 0 or done == args.max_iters:
             loss_mean = accelerator.reduce(loss_sum, "mean").item() / ((done - window_start)
@@ -433,7 +529,7 @@ def main(args) -> dict:
             seconds = (time.perf_counter() - log_t0 - (clock.paused - window_paused)) / (done - window_start)
             record = {"iteration": done, "loss": loss_mean, "lr": lr, "time_per_iter_s": seconds,
                       "data_time_s": data_time / (done - window_start), "images_per_s": global_batch / seconds,
-                      "peak_memory_gib": peak_memory_gib(device), "skipped_steps": state.skipped_steps}
+                      "peak_memory_gib": peak_memory_gib(device), "skipped_steps": guard.skipped_steps}
             log(accelerator, log_file, record, progress)
             loss_sum.zero_()
             window_start, data_time, window_paused, log_t0 = done, 0.0, clock.paused, time.perf_counter()
@@ -444,12 +540,10 @@ def main(args) -> dict:
             log(accelerator, log_file, evaluate_and_track(model, val_data, accelerator, state, clock, args,
                                                           output_dir))
             clock.resume(paused_at)
-        if done % args.checkpoint_interval == 0 or done == args.max_iters:
-            paused_at = clock.pause()
-            clock.update(state, done, global_batch)
-            save_checkpoint(accelerator, checkpoints_dir, done, keep=args.keep_checkpoints, config=config,
-                            train_state=asdict(state))
-            clock.resume(paused_at)
+        if done % args.checkpoint_interval == 0 or done == args.max_iters or preempted:
+            checkpoint = save(accelerator, model, state, clock, guard, config, args, global_batch)
+        if preempted:
+            exit_preempted(accelerator, preemption, preempted, done, checkpoint, output_dir)
     progress.close()
 
     if state.final_metrics is None:  # only when resuming past --max_iters (forced): the loop did not run
@@ -461,10 +555,7 @@ def main(args) -> dict:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.print(f"done: final mIoU {results['final_miou']:.4f}, best {results['best_miou']:.4f}, "
                       f"{results['images_per_sec'] or math.nan:.2f} images/s; results in {output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # stops trackers and destroys the process group (else torchrun reports SIGABRT)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown(accelerator, preemption)
     return results
 
 
@@ -492,6 +583,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "per sample in the loader workers (default on the CPU)")
     data.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
     data.add_argument("--num_workers", type=int, default=2, help="loader workers per process (the reference: 2)")
+    data.add_argument("--loader_timeout", type=float, default=DEFAULT_LOADER_TIMEOUT,
+                      help="seconds to wait for one batch from the loader workers before stopping with an error")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--batch_size", type=int, default=2, help="images per process per micro-batch")
     recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -517,6 +610,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--force_resume", action="store_true",
                      help="resume even if the checkpoint was made with other settings or another process count")
     run.add_argument("--log_interval", type=int, default=50)
+    run.add_argument("--check_interval", type=int, default=10,
+                     help="iterations between the cross-process checks for a preemption signal (SIGTERM/SIGUSR1: "
+                          "checkpoint, exit code 75) and for non-finite steps: one tiny all-reduce each")
+    run.add_argument("--max_nonfinite_steps", type=int, default=20,
+                     help="stop after this many consecutive steps with a non-finite loss or gradients (none is applied;"
+                          " fp16: steps the gradient scaler skipped)")
     run.add_argument("--report_to", default="none",
                      help="Accelerate trackers: none, all, tensorboard, wandb, ... (comma-free single name)")
     return parser

@@ -1,0 +1,746 @@
+"""Reliability (issue 8): preemption, non-finite steps, loader failures, safe loading, checks before heavy work.
+
+Units: modeling/reliability.py against independent computations (a run that never saw the bad step, signals
+delivered to one process of two, real DataLoader workers that hang, die or get signalled), malicious pickles fed
+to every loading path, and each bad input. End to end through scripts/train.py on synthetic data (CPU): SIGKILL at
+random iterations and during a checkpoint write, SIGUSR1 to one process and SIGTERM to one of two processes under
+`accelerate launch`, a corrupt newest checkpoint, a NaN injected at step k, bad inputs; the resumed runs end with
+bit-identical weights. Relaunches run the script's __main__ in a fork of the test process (no re-import of torch:
+10-30 s saved per launch on a busy 2-core machine); the first two-process run uses the real launcher.
+"""
+
+import ast
+import builtins
+import importlib.util
+import json
+import multiprocessing
+import os
+import random
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from modeling import reliability
+from modeling.reliability import NonFiniteError, PreemptionFlag, StepGuard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+# ----------------------------------------------------------------------------------------------------- preemption
+def test_preemption_flag_records_the_signal_and_restores_the_handlers():
+    before = {sig: signal.getsignal(sig) for sig in reliability.PREEMPTION_SIGNALS}
+    with PreemptionFlag() as flag:
+        assert flag.signum is None
+        signal.raise_signal(signal.SIGUSR1)  # default action would kill the test process
+        assert flag.signum == signal.SIGUSR1
+        signal.raise_signal(signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM
+    assert {sig: signal.getsignal(sig) for sig in reliability.PREEMPTION_SIGNALS} == before
+
+
+def _agree_worker(rank: int, init_file: str, results) -> None:
+    # One process of two: only rank 1 gets the signal, after its 3rd iteration; checks every 2 iterations.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", num_processes=2)
+    flag = PreemptionFlag()
+    guard = StepGuard(accelerator, torch.nn.Linear(1, 1), None, flag, check_interval=2)
+    seen = []
+    for done in range(1, 7):
+        if rank == 1 and done == 3:
+            flag.signum = signal.SIGTERM
+        seen.append(guard.check(done))
+    results[rank] = seen
+    torch.distributed.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_check(tmp_path):
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager:
+        results = manager.dict()
+        processes = [context.Process(target=_agree_worker, args=(rank, str(tmp_path / "init"), results))
+                     for rank in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        assert [p.exitcode for p in processes] == [0, 0]
+        # no check at odd iterations; iteration 4 is the first check after the signal, on both ranks
+        expected = [None, None, None, signal.SIGTERM, None, signal.SIGTERM]
+        assert results[0] == results[1] == expected
+
+
+# ------------------------------------------------------------------------------------------------ non-finite steps
+def tiny_run(steps, bad_steps=(), fused=True, mixed_precision="no", max_nonfinite_steps=3, skip=()):
+    """Train a conv+BN on fixed batches; the loss of `bad_steps` is multiplied by NaN; `skip` steps are not run.
+
+    Returns (parameters, momentum buffers, guard, NonFiniteError message or None)."""
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    guard = StepGuard(accelerator, model, optimizer, max_nonfinite_steps=max_nonfinite_steps, check_interval=1)
+    batches = torch.randn(steps, 2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    error = None
+    try:
+        for step in range(steps):
+            if step in skip:
+                continue
+            with accelerator.autocast():
+                loss = model(batches[step]).square().mean()
+            accelerator.backward(loss * float("nan") if step in bad_steps else loss)
+            guard.before_optimizer_step(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            guard.after_iteration()
+            guard.check(step + 1)
+    except NonFiniteError as err:
+        error = str(err)
+    params = [p.detach().clone() for p in model.parameters()]
+    momentum = [optimizer.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    reset_accelerate()
+    return params, momentum, guard, error
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "sync-fallback"])
+def test_a_non_finite_step_is_not_applied_and_training_goes_on(fused):
+    # Independent reference: the same run that never executed step 2. Parameters and momentum must be equal,
+    # i.e. the NaN step changed nothing (no momentum or weight-decay update either). BN's batch statistics in
+    # the forward do not depend on the running ones, so the later gradients are the same.
+    params, momentum, guard, error = tiny_run(5, bad_steps={2}, fused=fused)
+    ref_params, ref_momentum, _, _ = tiny_run(5, skip={2}, fused=fused)
+    clean_params, _, _, _ = tiny_run(5, fused=fused)
+    assert error is None and guard.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(params, clean_params, strict=True))  # the test can fail
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_consecutive_non_finite_steps_stop_with_the_documented_message(mixed_precision):
+    params, _, guard, error = tiny_run(8, bad_steps={3, 4, 5, 6, 7}, mixed_precision=mixed_precision)
+    ref_params, _, _, _ = tiny_run(3, mixed_precision=mixed_precision)  # stopped after 3 good steps
+    assert error is not None and error.startswith("non-finite (NaN/inf) loss or gradients in 3 consecutive")
+    assert "iterations 4-6" in error and "no update was applied after iteration 3" in error
+    assert guard.skipped_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
+
+
+def test_the_nan_hook_and_gradient_accumulation(monkeypatch):
+    # HRNETFCN_INJECT_NAN_AT=k poisons the update of iteration k (1-based) and later ones; with 2 accumulation
+    # steps the guard acts on the synchronizing micro-batch only.
+    from accelerate import Accelerator
+
+    monkeypatch.setenv(reliability.INJECT_NAN_ENV, "2")
+    reset_accelerate()
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    guard = StepGuard(accelerator, model, optimizer, max_nonfinite_steps=2, check_interval=1)
+    weights = [model.weight.detach().clone()]
+    with pytest.raises(NonFiniteError, match="iterations 2-3"):
+        for iteration in range(4):
+            for _ in range(2):
+                with accelerator.accumulate(model):
+                    accelerator.backward(model(torch.ones(1, 3)).sum())
+                    guard.before_optimizer_step(iteration)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            guard.after_iteration()
+            weights.append(model.weight.detach().clone())
+            guard.check(iteration + 1)
+    reset_accelerate()
+    assert len(weights) == 4 and not torch.equal(weights[1], weights[0])  # iteration 1 was applied
+    assert torch.equal(weights[2], weights[1]) and torch.equal(weights[3], weights[1])  # 2 and 3 were not
+
+
+def test_check_finite_state_names_the_poisoned_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    reliability.check_finite_state(model, 5)
+    model[1].running_var[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"iteration 5: .*1 tensors: 1\.running_var"):
+        reliability.check_finite_state(model, 5)
+
+
+# --------------------------------------------------------------------------------------------------- data loading
+class Behaviour(Dataset):
+    """Index 0 hangs (sleep), dies (SIGKILL to itself) or gets a preemption signal and carries on."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if index == 0 and self.kind == "hang":
+            time.sleep(15)
+        if index == 0 and self.kind == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if index == 0 and self.kind == "signalled":
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return index
+
+
+def iterate(kind: str, timeout: float = 2.0):
+    loader = DataLoader(Behaviour(kind), num_workers=1, **reliability.loader_kwargs(1, timeout))
+    return list(reliability.explain_loader_errors(loader, "training data", timeout))
+
+
+def test_a_hanging_worker_is_a_clear_error_within_the_timeout(monkeypatch):
+    # the DataLoader waits this long for a stuck worker before it terminates it (5 s by default)
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.5)
+    start = time.monotonic()
+    try:
+        iterate("hang")
+    except reliability.LoaderError as err:
+        message, elapsed = str(err), time.monotonic() - start
+    assert elapsed < 8 and message.startswith("training data: no batch from the DataLoader workers within 2 s")
+    assert "--loader_timeout" in message
+
+
+def test_a_dead_worker_is_a_clear_error():
+    with pytest.raises(reliability.LoaderError, match="training data: a DataLoader worker died"):
+        iterate("die")
+
+
+def test_workers_survive_preemption_signals():
+    assert [int(b) for b in iterate("signalled")] == [0, 1]
+    assert reliability.loader_kwargs(0) == {}  # no workers: nothing to wait for
+
+
+# -------------------------------------------------------------------------------------------------- safe loading
+class Payload:
+    """Unpickling this creates `marker`: what a malicious checkpoint would do (with any command instead)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def malicious(path: Path, marker: Path, wrap=lambda payload: {"state_dict": payload}) -> Path:
+    torch.save(wrap(Payload(marker)), path)
+    return path
+
+
+def test_the_payload_is_live_when_loaded_unsafely(tmp_path):
+    # Proves the tests below can fail: the same kind of file does run code under weights_only=False.
+    evil = malicious(tmp_path / "evil.pth", tmp_path / "marker")
+    torch.load(evil, weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+def test_malicious_weights_files_are_refused_by_every_loader(tmp_path):
+    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
+    from modeling.inference import load_model
+    from modeling.utils import read_weights_file
+
+    marker = tmp_path / "marker"
+    evil = malicious(tmp_path / "evil.pth", marker)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        read_weights_file(evil)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_pretrained_backbone(HRNetFCNForSemanticSegmentation(HRNetFCNConfig()), str(evil))
+    convert = load_script("convert_mmseg_checkpoint")
+    with pytest.raises(SystemExit, match="error: .*evil.pth.*weights_only"):
+        convert.main(convert.get_args_parser().parse_args([str(evil), str(tmp_path / "out")]))
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):  # scripts/eval.py, infer.py
+        load_model(evil)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def resign(checkpoint: Path, name: str) -> None:
+    """Update a checkpoint manifest's checksum of one file, as an attacker with write access could."""
+    from modeling import checkpointing
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": checkpointing._sha256_and_fsync(checkpoint / name),
+                               "bytes": (checkpoint / name).stat().st_size}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_malicious_file_in_a_checkpoint_is_refused_on_resume(tmp_path):
+    # The attacker also rewrites the manifest's checksums: the checkpoint passes as complete and intact, so what
+    # stops the payload is Accelerate's torch.load(weights_only=True).
+    from accelerate import Accelerator
+
+    from modeling import checkpointing
+
+    reset_accelerate()
+    accelerator = Accelerator()
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    path = checkpointing.save_checkpoint(accelerator, tmp_path, 1, keep=2, config={}, train_state={})
+    markers = {}
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        markers[name] = tmp_path / f"marker-{name}"
+        malicious(path / name, markers[name], wrap=lambda payload: {"state": payload})
+        resign(path, name)
+    checkpointing.verify_checkpoint(path)  # passes: only the unpickler stands in the way
+    with pytest.raises(ValueError, match="a file cannot be read with torch.load\\(weights_only=True\\)"):
+        checkpointing.load_checkpoint(accelerator, "latest", tmp_path)
+    torch.save(optimizer.state_dict(), path / "optimizer.bin")  # Accelerate skips unreadable RNG states itself
+    resign(path, "optimizer.bin")
+    checkpointing.load_checkpoint(accelerator, "latest", tmp_path)
+    reset_accelerate()
+    assert not any(marker.exists() for marker in markers.values())
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """Calls that could unpickle arbitrary objects: torch.load without weights_only=True, pickle.load(s),
+    Accelerate's register_for_checkpointing (whose objects Accelerate loads with weights_only=False)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        weights_only = {k.arg: k.value for k in node.keywords}.get("weights_only")
+        safe = isinstance(weights_only, ast.Constant) and weights_only.value is True
+        if (name.endswith("torch.load") and not safe) or name in ("pickle.load", "pickle.loads") or (
+                name.endswith("register_for_checkpointing")):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_unsafe_load_in_the_code():
+    assert unsafe_calls("torch.load(f)\ntorch.load(f, weights_only=False)\ntorch.load(f, weights_only=True)\n"
+                        "pickle.loads(b)\naccelerator.register_for_checkpointing(x)\n") == [
+        "line 1: torch.load(f)", "line 2: torch.load(f, weights_only=False)", "line 4: pickle.loads(b)",
+        "line 5: accelerator.register_for_checkpointing(x)"]
+    offenders = {}
+    for path in REPO.glob("*/*.py"):
+        if path.parent.name != "tests" and (calls := unsafe_calls(path.read_text())):
+            offenders[str(path.relative_to(REPO))] = calls
+    assert offenders == {}
+
+
+# ------------------------------------------------------------------------------------------ checks before heavy work
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    from data.prepare import prepare_cityscapes
+    from data.synthetic import generate_cityscapes
+
+    root = generate_cityscapes(tmp_path_factory.mktemp("small") / "cs", num_train=3, num_val=2, num_test=0,
+                               height=64, width=128, seed=0)
+    prepare_cityscapes(root, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("fault", ["truncated image", "empty label", "not a png", "labelIds as trainIds"])
+def test_bad_files_are_found_before_training(small_root, tmp_path, fault):
+    from data.cityscapes import discover
+
+    root = shutil.copytree(small_root, tmp_path / "cs")
+    reliability.check_split_files(discover(root, "train"))  # the intact copy passes
+    source = discover(root, "train")
+    image, label = Path(source[2]["image"]), Path(source[2]["label"])
+    if fault == "truncated image":
+        image.write_bytes(image.read_bytes()[:-100])
+        expected = f"{image}: truncated PNG"
+    elif fault == "empty label":
+        label.write_bytes(b"")
+        expected = f"{label}: empty file"
+    elif fault == "not a png":
+        image.write_bytes(b"GIF89a" + bytes(100))
+        expected = f"{image}: not a PNG"
+    else:  # every label of the split, as when labelIds are copied in place of the labelTrainIds
+        for row in source:
+            shutil.copy(row["label"].replace("labelTrainIds", "labelIds"), row["label"])
+        expected = "labelIds instead of labelTrainIds"
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        reliability.check_split_files(source)
+
+
+def test_crop_and_pretrained_checks():
+    reliability.check_crop_fits((1024, 2048), (512, 1024), (2048, 1024))  # the recipe
+    reliability.check_crop_fits((64, 128), (64, 128), (128, 64))  # the synthetic demo
+    with pytest.raises(ValueError, match=r"--crop_size 512 1024 is larger .* \(64x128 from 64x128\)"):
+        reliability.check_crop_fits((64, 128), (512, 1024), (128, 64))
+    reliability.check_pretrained_source("none")
+    reliability.check_pretrained_source("hrnet_w18.ms_in1k")  # known tag: nothing downloaded
+    with pytest.raises(ValueError, match="'hrnet_w18.imagenet_typo'.*hrnet_w18.ms_in1k"):
+        reliability.check_pretrained_source("hrnet_w18.imagenet_typo")
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        reliability.check_pretrained_source("weights/missing.pth")
+
+
+def test_a_checkpoint_with_another_number_of_classes_is_named(tmp_path):
+    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
+
+    model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp_path / "same.safetensors")
+    reliability.check_checkpoint_fits(model, tmp_path / "same.safetensors")
+    weights["decode_head.conv_seg.weight"] = torch.zeros(21, *weights["decode_head.conv_seg.weight"].shape[1:])
+    weights["decode_head.conv_seg.bias"] = torch.zeros(21)
+    save_file(weights, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="other.safetensors: a model with 21 classes, this run's model has 19"):
+        reliability.check_checkpoint_fits(model, tmp_path / "other.safetensors")
+    del weights["decode_head.conv_seg.bias"]
+    weights["decode_head.conv_seg.weight"] = weights["decode_head.conv_seg.weight"][:19]
+    save_file(weights, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="1 missing keys \\(decode_head.conv_seg.bias\\)"):
+        reliability.check_checkpoint_fits(model, tmp_path / "missing.safetensors")
+
+
+def test_an_unreadable_accelerate_config_is_a_clear_error(tmp_path):
+    # Accelerate parses the config before our script runs: its own errors must name the file and the problem.
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: [MULTI_GPU\n")
+    with pytest.raises(yaml.YAMLError, match=r"broken.yaml\", line 2"):
+        load_config_from_file(str(broken))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text((REPO / "accelerate_configs" / "cpu.yaml").read_text() + "num_procs: 2\n")
+    with pytest.raises(ValueError, match=r"unknown.yaml had unknown keys \(\['num_procs'\]\)"):
+        load_config_from_file(str(unknown))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config_from_file(str(tmp_path / "missing.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------- end to end
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+# Tiny runs: batch 1 of 64x128 crops of the 64x128 synthetic images, no loader workers, one evaluation at the end,
+# the cross-process check every iteration. "--resume_from_checkpoint" makes one command start and resume a run.
+TINY = ["--dataset", "synthetic", "--pretrained_backbone", "none", "--crop_size", "64", "128", "--num_workers", "0",
+        "--pipeline", "reference", "--batch_size", "1", "--eval_interval", "1000", "--log_interval", "1",
+        "--check_interval", "1", "--resume_from_checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_script("train")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(train, tmp_path_factory):
+    from data.prepare import prepare_cityscapes
+    from data.synthetic import generate_cityscapes
+
+    root = generate_cityscapes(tmp_path_factory.mktemp("synthetic") / "cs", **train.SYNTHETIC)
+    prepare_cityscapes(root, build_cache=True, progress=False)
+    return root
+
+
+def run_main(train, argv):
+    reset_accelerate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 OpenMP threads on 2 shared cores thrash (see tests/test_train.py)
+    try:
+        return train.main(train.get_args_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate()
+
+
+def _script_child(argv, log):
+    sys.stdout = sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 (lives as long as this process)
+    os.dup2(sys.stdout.fileno(), 1)
+    os.dup2(sys.stdout.fileno(), 2)
+    reset_accelerate()
+    torch.set_num_threads(1)
+    sys.argv = [str(TRAIN_SCRIPT), *argv]
+    runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+
+
+def start_script(argv, log):
+    """`python scripts/train.py ARGV` (its __main__ block) in a fork of this process: the same process a shell would
+    start, without re-importing torch & co (10-30 s per launch on a busy 2-core machine)."""
+    process = multiprocessing.get_context("fork").Process(target=_script_child, args=(argv, str(log)))
+    process.start()
+    return process
+
+
+def log_lines(out) -> list[dict]:
+    path = Path(out) / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_until(condition, alive, what: str, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert alive(), f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def after_iteration(out, iteration: int, already: int):
+    """True once a line for `iteration` (or later) was logged after the first `already` lines."""
+    return lambda: any(r.get("iteration", 0) >= iteration for r in log_lines(out)[already:] if "loss" in r)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def complete_checkpoints(out) -> list[Path]:
+    from modeling import checkpointing
+
+    return [p for _, p in checkpointing.list_checkpoints(Path(out) / "checkpoints") if (p / "manifest.json").exists()]
+
+
+@pytest.mark.slow
+def test_killed_and_preempted_runs_resume_to_identical_weights(train, synthetic_root, tmp_path, capsys):
+    argv = [*TINY, "--data_root", str(synthetic_root), "--max_iters", "8", "--checkpoint_interval", "2"]
+    straight = tmp_path / "straight"
+    run_main(train, [*argv, "--output_dir", str(straight)])
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    argv += ["--output_dir", str(out)]
+    rng = random.Random(8)  # the kill points: random, but the same on every run of the test
+
+    def launch():
+        return start_script(argv, log), len(log_lines(out))
+
+    # 1. SIGKILL at a random point of a random iteration (after the first checkpoint)
+    process, already = launch()
+    wait_until(after_iteration(out, rng.randint(3, 4), already), process.is_alive, "the kill point")
+    time.sleep(rng.uniform(0, 0.5))
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    # 2. SIGKILL while a checkpoint is being written (its temporary folder holds files)
+    process, already = launch()
+    wait_until(lambda: any(any(p.iterdir()) for p in (out / "checkpoints").glob(".tmp-iter_*")), process.is_alive,
+               "a checkpoint write")
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert list((out / "checkpoints").glob(".tmp-iter_*")), "killed too late: the checkpoint was complete"
+    # 3. SIGUSR1 (Slurm's warning): the iteration finishes, a checkpoint is written, the exit code says "preempted"
+    process, already = launch()
+    wait_until(after_iteration(out, 0, already), process.is_alive, "an iteration")
+    os.kill(process.pid, signal.SIGUSR1)
+    process.join(240)
+    assert process.exitcode == reliability.EXIT_PREEMPTED, log.read_text()[-3000:]
+    marker = json.loads((out / reliability.PREEMPTED_MARKER).read_text())
+    assert marker["signal"] == "SIGUSR1" and marker["exit_code"] == 75 and marker["iteration"] < 8
+    assert Path(marker["checkpoint"]) == complete_checkpoints(out)[-1]
+    assert f"SIGUSR1: stopped after iteration {marker['iteration']}" in log.read_text()
+    # 4. SIGKILL again at a random iteration
+    process, already = launch()
+    wait_until(after_iteration(out, rng.randint(marker["iteration"] + 1, 7), already), process.is_alive,
+               "the kill point")
+    time.sleep(rng.uniform(0, 0.5))
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    # 5. the newest complete checkpoint rots on disk: the same command falls back to the one before and says so
+    newest, previous = complete_checkpoints(out)[-2:][::-1]
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    results = run_main(train, argv)
+    printed = capsys.readouterr().out
+    assert f"skipping checkpoint {newest}: file model.safetensors is corrupt" in printed
+    assert f"resumed from iteration {int(previous.name[5:])}" in printed
+    assert results["iterations"] == 8 and not (out / reliability.PREEMPTED_MARKER).exists()
+    assert same_weights(straight / "final" / "model.safetensors", out / "final" / "model.safetensors")
+
+
+def _debug_launch_child(train, argv):
+    reset_accelerate()
+    torch.set_num_threads(1)
+    train.main(train.get_args_parser().parse_args(argv))
+
+
+def debug_launch(train, argv, num_processes=2):
+    """Accelerate's debug_launcher (CPU processes over gloo, forked from this one: no imports) on a free port."""
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with tempfile.TemporaryDirectory() as rdv, patch_environment(
+            world_size=num_processes, master_addr="127.0.0.1", master_port=str(free_port()),
+            accelerate_mixed_precision="no", accelerate_debug_rdv_file=f"{rdv}/rdv", accelerate_use_cpu="yes",
+            gloo_socket_ifname="lo"):
+        start_processes(PrepareForLaunch(_debug_launch_child, debug=True), args=(train, argv), nprocs=num_processes,
+                        start_method="fork")
+
+
+def rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` writing into `out` (found in /proc: cmdline and environment)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(out) in (proc / "cmdline").read_text() and f"\0RANK={rank}\0" in "\0" + (
+                    proc / "environ").read_text():
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_checkpoints_exits_75_and_resumes_identically(train, synthetic_root,
+                                                                                       tmp_path):
+    argv = [*TINY, "--data_root", str(synthetic_root), "--max_iters", "5", "--checkpoint_interval", "100"]
+    out, log = tmp_path / "two", tmp_path / "two.log"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               str(TRAIN_SCRIPT), *argv, "--output_dir", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    wait_until(after_iteration(out, 1, 0), lambda: launcher.poll() is None, "iteration 1")
+    os.kill(rank_pid(out, 1), signal.SIGTERM)
+    assert launcher.wait(240) != 0  # the launcher reports a failure (1) whatever its processes returned
+    text = log.read_text()
+    marker = json.loads((out / reliability.PREEMPTED_MARKER).read_text())
+    assert marker["signal"] == "SIGTERM" and 1 <= marker["iteration"] < 5, text[-3000:]
+    assert f"SIGTERM: stopped after iteration {marker['iteration']}" in text and "exitcode  : 75" in text
+    assert [p.name for p in complete_checkpoints(out)] == [f"iter_{marker['iteration']:07d}"]
+
+    # the same arguments again, in 2 processes forked from this one (Accelerate's debug launcher: no imports)
+    already = len(log_lines(out))
+    debug_launch(train, [*argv, "--output_dir", str(out)])
+    resumed = [r["iteration"] for r in log_lines(out)[already:] if "loss" in r]
+    assert resumed == list(range(marker["iteration"] + 1, 6))  # it went on from the checkpoint
+    assert not (out / reliability.PREEMPTED_MARKER).exists()
+    debug_launch(train, [*argv, "--output_dir", str(tmp_path / "straight")])
+    assert same_weights(tmp_path / "straight" / "final" / "model.safetensors", out / "final" / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"world size: 2 -> 1.*--force_resume"):  # one process cannot continue it
+        run_main(train, [*argv, "--output_dir", str(out)])
+
+
+def test_a_nan_at_step_k_keeps_the_weights_of_step_k_minus_1_and_stops(train, synthetic_root, tmp_path,
+                                                                       monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv(reliability.INJECT_NAN_ENV, "3")
+    out = tmp_path / "nan"
+    argv = [*TINY, "--data_root", str(synthetic_root), "--max_iters", "10", "--checkpoint_interval", "1",
+            "--max_nonfinite_steps", "2", "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        run_main(train, argv)
+    assert str(stop.value.code).startswith("error: non-finite (NaN/inf) loss or gradients in 2 consecutive training "
+                                           "steps (iterations 3-4): no update was applied after iteration 2")
+    assert [p.name for p in complete_checkpoints(out)] == ["iter_0000002", "iter_0000003"]
+    good, skipped = (load_file(out / "checkpoints" / name / "model.safetensors")
+                     for name in ("iter_0000002", "iter_0000003"))
+    buffers = ("running_mean", "running_var", "num_batches_tracked")  # iteration 3's forward pass updated them
+    assert all(torch.equal(good[k], skipped[k]) for k in good if not k.endswith(buffers))
+    assert not (out / "results.json").exists()
+    assert [r["skipped_steps"] for r in log_lines(out) if "loss" in r] == [0, 0, 1]  # stopped before logging 4
+
+    # The same command on doctored checkpoints (checksums re-signed, so they pass as intact): a 21-class head,
+    # then a malicious pickle in place of the optimizer state. Both refused with one line, nothing executed.
+    monkeypatch.delenv(reliability.INJECT_NAN_ENV)
+    skipped["decode_head.conv_seg.weight"] = torch.zeros(21, *skipped["decode_head.conv_seg.weight"].shape[1:])
+    skipped["decode_head.conv_seg.bias"] = torch.zeros(21)
+    save_file(skipped, out / "checkpoints" / "iter_0000003" / "model.safetensors")
+    resign(out / "checkpoints" / "iter_0000003", "model.safetensors")
+    with pytest.raises(SystemExit, match=r"error: --resume_from_checkpoint: .*iter_0000003/model.safetensors: a model "
+                                         r"with 21 classes, this run's model has 19"):
+        run_main(train, argv)
+    shutil.rmtree(out / "checkpoints" / "iter_0000003")
+    malicious(out / "checkpoints" / "iter_0000002" / "optimizer.bin", tmp_path / "marker", lambda x: {"state": x})
+    resign(out / "checkpoints" / "iter_0000002", "optimizer.bin")
+    with pytest.raises(SystemExit, match=r"error: --resume_from_checkpoint: .*iter_0000002: a file cannot be read "
+                                         r"with torch.load\(weights_only=True\)"):
+        run_main(train, argv)
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("bad", ["unknown tag", "crop", "truncated", "no data", "batch"])
+def test_bad_inputs_stop_the_training_script_before_heavy_work(train, synthetic_root, tmp_path, bad):
+    root = synthetic_root
+    argv = [*TINY, "--max_iters", "2", "--output_dir", str(tmp_path / "out")]
+    if bad == "unknown tag":
+        argv += ["--pretrained_backbone", "hrnet_w18.typo"]
+        expected = "error: --pretrained_backbone 'hrnet_w18.typo': neither a weights file"
+    elif bad == "crop":
+        argv += ["--crop_size", "512", "1024"]
+        expected = "error: --data_root: --crop_size 512 1024 is larger than the training images"
+    elif bad == "truncated":  # a real dataset (prepared): --dataset synthetic would rebuild the cache first
+        argv[argv.index("synthetic")] = "cityscapes"
+        root = shutil.copytree(synthetic_root, tmp_path / "cs")
+        image = next((root / "leftImg8bit" / "val").glob("*/*.png"))
+        image.write_bytes(image.read_bytes()[:-1000])
+        expected = f"error: --data_root: {image}: truncated PNG"
+    elif bad == "no data":
+        argv[argv.index("synthetic")] = "cityscapes"
+        root = tmp_path / "nothing"
+        expected = f"error: --data_root: {root}: folder not found"
+    else:  # 33 images per process: more than the synthetic training split holds
+        argv += ["--batch_size", "33"]
+        expected = f"error: --batch_size 33 x 1 processes needs at least that many training images, {root} has 32"
+    with pytest.raises(SystemExit) as stop:
+        run_main(train, [*argv, "--data_root", str(root)])
+    assert str(stop.value.code).startswith(expected), stop.value.code
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+WORKER = """
+import os, pathlib, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+out = pathlib.Path(sys.argv[1])
+(out / f"ready_{os.environ['RANK']}").touch()
+while not got:
+    time.sleep(0.05)
+time.sleep(1)  # a checkpoint write: the launcher must wait for it
+(out / f"saved_{os.environ['RANK']}").touch()
+sys.exit(75)
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_forwards_sigusr1_with_the_documented_setting(tmp_path):
+    # The README's Slurm recipe: with PET_SIGNALS_TO_HANDLE (torchrun's --signals_to_handle) the launcher passes
+    # SIGUSR1 on to its workers and waits for them; they save and exit 75. (Workers here: plain Python, no torch.)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                 str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port",
+                                 str(free_port()), str(tmp_path / "worker.py"), str(tmp_path)], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: len(list(tmp_path.glob("ready_*"))) == 2, lambda: launcher.poll() is None, "the workers")
+    launcher.send_signal(signal.SIGUSR1)
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode != 0 and "got signal: 10" in output
+    assert sorted(p.name for p in tmp_path.glob("saved_*")) == ["saved_0", "saved_1"], output[-2000:]
