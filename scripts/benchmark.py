@@ -420,21 +420,6 @@ def count_host_syncs(function) -> int:
     return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
-def training_step(model, optimizer, scheduler, accelerator, pixel_values, labels):
-    """One iteration as scripts/train.py's loop runs it (gradient_accumulation_steps 1): forward with the loss,
-    backward (Accelerate's AMP scaling, DDP's all-reduce), optimizer step, zero_grad, one scheduler step.
-
-    Returns the detached loss: reading it (.item()) would synchronise the host with the device every iteration.
-    """
-    with accelerator.accumulate(model):
-        loss = model(pixel_values=pixel_values, labels=labels).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return loss.detach()
-
-
 def batch_source(args, accelerator, train):
     """next_batch() -> (pixel_values, labels) on the device, as the training loop gets them.
 
@@ -517,6 +502,7 @@ def bench_throughput(args) -> dict | None:
     optimizer, scheduler = train.create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
     sync_batchnorm = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    guard = train.StepGuard(accelerator, model, optimizer)  # training's non-finite check is part of the step
     count = args.count_collectives and not args.compile
     if count:
         count_gradient_buckets(model)
@@ -527,11 +513,18 @@ def bench_throughput(args) -> dict | None:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    def step(pixel_values, labels) -> torch.Tensor:
+        """One iteration as train.py's loop runs it (gradient_accumulation_steps 1)."""
+        loss = train.training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
+        guard.after_iteration()
+        scheduler.step()
+        return loss
+
     model.train()
     loss_sum = torch.zeros((), device=device)
     with CollectiveCounter(enabled=count) as counter:
         for _ in range(args.warmup):  # allocator, cuDNN autotuning, torch.compile, DDP bucket rebuild
-            loss_sum += training_step(model, optimizer, scheduler, accelerator, *next_batch())
+            loss_sum += step(*next_batch())
         accelerator.wait_for_everyone()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -540,13 +533,13 @@ def bench_throughput(args) -> dict | None:
             t = time.perf_counter()
             batch = next_batch()
             data_wait += time.perf_counter() - t
-            loss_sum += training_step(model, optimizer, scheduler, accelerator, *batch)
+            loss_sum += step(*batch)
         elapsed = synchronize() - start
         per_step = {name: n / args.iters for name, n in (counter.counts - counts_before).items()}
     host_syncs = None
     if device.type == "cuda":  # after the clock: sync debug mode slows what it watches
         data_syncs = count_host_syncs(next_batch)
-        step_syncs = count_host_syncs(lambda: training_step(model, optimizer, scheduler, accelerator, *batch))
+        step_syncs = count_host_syncs(lambda: step(*batch))
         host_syncs = {"data": data_syncs, "step": step_syncs}
 
     # the slowest process sets the pace of a synchronous data-parallel step

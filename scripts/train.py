@@ -407,6 +407,21 @@ def check_launch(accelerator) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- reliability
+def training_step(model, optimizer, accelerator, guard: StepGuard, iteration: int, pixel_values, labels):
+    """One micro-batch: forward with the loss, backward (AMP scaling, DDP all-reduce on the last micro-batch of an
+    accumulation), the optimizer step unless the update is non-finite. scripts/benchmark.py times this function.
+
+    Returns the detached loss: reading it (.item()) would make the host wait for the device every iteration.
+    """
+    with accelerator.accumulate(model):  # no DDP all-reduce and no optimizer step until the last micro-batch
+        loss = model(pixel_values=pixel_values, labels=labels).loss
+        accelerator.backward(loss)
+        guard.before_optimizer_step(iteration)  # a non-finite update is not applied
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def check_health(guard: StepGuard, done: int) -> int | None:
     """The periodic cross-process check: the number of a preemption signal any process received, else None."""
     try:
@@ -509,13 +524,7 @@ def main(args) -> dict:
             if args.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             data_time += time.perf_counter() - t
-            with accelerator.accumulate(model):  # no DDP all-reduce and no optimizer step until the last one
-                loss = model(pixel_values=pixel_values, labels=labels).loss
-                accelerator.backward(loss)
-                guard.before_optimizer_step(iteration)  # a non-finite update is not applied
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss_sum += training_step(model, optimizer, accelerator, guard, iteration, pixel_values, labels)
         guard.after_iteration()  # counts the skipped updates, on the device
         lr = scheduler.get_last_lr()[0]  # the lr this iteration's update used
         scheduler.step()

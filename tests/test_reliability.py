@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +42,15 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def fork_server():
+    """Processes forked from a fork server: a fresh single-threaded process that has imported this module (torch & co
+    once, not per launch). Forking the pytest process itself can deadlock the child on a lock that one of pytest's
+    other threads (earlier tests' loaders, progress bars, kernels) held at the fork."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def reset_accelerate():
@@ -80,7 +88,7 @@ def _agree_worker(rank: int, init_file: str, results) -> None:
 
 
 def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_check(tmp_path):
-    context = multiprocessing.get_context("fork")
+    context = fork_server()
     with context.Manager() as manager:
         results = manager.dict()
         processes = [context.Process(target=_agree_worker, args=(rank, str(tmp_path / "init"), results))
@@ -488,9 +496,9 @@ def _script_child(argv, log):
 
 
 def start_script(argv, log):
-    """`python scripts/train.py ARGV` (its __main__ block) in a fork of this process: the same process a shell would
+    """`python scripts/train.py ARGV` (its __main__ block) in a process forked from the fork server: as a shell would
     start, without re-importing torch & co (10-30 s per launch on a busy 2-core machine)."""
-    process = multiprocessing.get_context("fork").Process(target=_script_child, args=(argv, str(log)))
+    process = fork_server().Process(target=_script_child, args=(argv, str(log)))
     process.start()
     return process
 
@@ -583,23 +591,14 @@ def test_killed_and_preempted_runs_resume_to_identical_weights(train, synthetic_
     assert same_weights(straight / "final" / "model.safetensors", out / "final" / "model.safetensors")
 
 
-def _debug_launch_child(train, argv):
-    reset_accelerate()
-    torch.set_num_threads(1)
-    train.main(train.get_args_parser().parse_args(argv))
-
-
-def debug_launch(train, argv, num_processes=2):
-    """Accelerate's debug_launcher (CPU processes over gloo, forked from this one: no imports) on a free port."""
-    from accelerate.utils import PrepareForLaunch, patch_environment
-    from torch.multiprocessing import start_processes
-
-    with tempfile.TemporaryDirectory() as rdv, patch_environment(
-            world_size=num_processes, master_addr="127.0.0.1", master_port=str(free_port()),
-            accelerate_mixed_precision="no", accelerate_debug_rdv_file=f"{rdv}/rdv", accelerate_use_cpu="yes",
-            gloo_socket_ifname="lo"):
-        start_processes(PrepareForLaunch(_debug_launch_child, debug=True), args=(train, argv), nprocs=num_processes,
-                        start_method="fork")
+def launch_two_processes(argv, log) -> subprocess.Popen:
+    """`accelerate launch` of scripts/train.py on 2 CPU processes (gloo), output appended to `log`."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               str(TRAIN_SCRIPT), *argv]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "a") as f:
+        return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=Path(log).parent)
 
 
 def rank_pid(out: Path, rank: int) -> int | None:
@@ -619,12 +618,7 @@ def test_sigterm_to_one_of_two_processes_checkpoints_exits_75_and_resumes_identi
                                                                                        tmp_path):
     argv = [*TINY, "--data_root", str(synthetic_root), "--max_iters", "5", "--checkpoint_interval", "100"]
     out, log = tmp_path / "two", tmp_path / "two.log"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-               str(TRAIN_SCRIPT), *argv, "--output_dir", str(out)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as f:
-        launcher = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    launcher = launch_two_processes([*argv, "--output_dir", str(out)], log)
     wait_until(after_iteration(out, 1, 0), lambda: launcher.poll() is None, "iteration 1")
     os.kill(rank_pid(out, 1), signal.SIGTERM)
     assert launcher.wait(240) != 0  # the launcher reports a failure (1) whatever its processes returned
@@ -634,13 +628,14 @@ def test_sigterm_to_one_of_two_processes_checkpoints_exits_75_and_resumes_identi
     assert f"SIGTERM: stopped after iteration {marker['iteration']}" in text and "exitcode  : 75" in text
     assert [p.name for p in complete_checkpoints(out)] == [f"iter_{marker['iteration']:07d}"]
 
-    # the same arguments again, in 2 processes forked from this one (Accelerate's debug launcher: no imports)
+    # the same command again resumes; and a run that was never interrupted, for the weights
     already = len(log_lines(out))
-    debug_launch(train, [*argv, "--output_dir", str(out)])
+    straight = launch_two_processes([*argv, "--output_dir", str(tmp_path / "straight")], tmp_path / "straight.log")
+    assert launch_two_processes([*argv, "--output_dir", str(out)], log).wait(300) == 0, log.read_text()[-3000:]
     resumed = [r["iteration"] for r in log_lines(out)[already:] if "loss" in r]
     assert resumed == list(range(marker["iteration"] + 1, 6))  # it went on from the checkpoint
     assert not (out / reliability.PREEMPTED_MARKER).exists()
-    debug_launch(train, [*argv, "--output_dir", str(tmp_path / "straight")])
+    assert straight.wait(300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     assert same_weights(tmp_path / "straight" / "final" / "model.safetensors", out / "final" / "model.safetensors")
     with pytest.raises(SystemExit, match=r"world size: 2 -> 1.*--force_resume"):  # one process cannot continue it
         run_main(train, [*argv, "--output_dir", str(out)])
