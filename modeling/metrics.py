@@ -181,3 +181,9 @@ class MeanIoU:
         """evaluate's `mean_iou` dict; with an accelerator, every process must call it and gets the same dict."""
         area_intersect, area_union, _, area_label = self.areas(accelerator)
         return metrics_from_areas(area_intersect, area_union, area_label, nan_to_num)
+
+
+def metrics_to_json(metrics: dict) -> dict:
+    """The metric dict with numpy arrays and scalars as plain lists and floats, for json.dumps."""
+    return {key: value.tolist() if isinstance(value, np.ndarray) else float(value) if isinstance(value, np.generic)
+            else value for key, value in metrics.items()}

@@ -32,7 +32,7 @@ from data import get_val_data
 from data.cityscapes import as_source, read_image, read_label
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
 from modeling.inference import AUG_RATIOS, BASE_SIZE, CROP_SIZE, MODES, STRIDE, evaluate_segmentation, load_model
-from modeling.metrics import MeanIoU
+from modeling.metrics import MeanIoU, metrics_to_json
 from modeling.visualize import plot_class_iou, save_prediction_pictures
 
 
@@ -105,11 +105,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def json_ready(results: dict) -> dict:
-    return {key: value.tolist() if isinstance(value, np.ndarray) else float(value) if isinstance(value, np.floating)
-            else value for key, value in results.items()}
-
-
 # --------------------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
     if (args.checkpoint is None) == (args.predictions_dir is None):
@@ -161,7 +156,7 @@ def main(args) -> dict:
         results = reference.compute(num_labels=len(class_names), ignore_index=IGNORE_INDEX, reduce_labels=False)
         accelerator.print(f"evaluate mean_iou {results['mean_iou']:.6f}, streaming {streaming['mean_iou']:.6f}")
 
-    results = {**json_ready(results), "class_names": class_names, "num_images": len(source),
+    results = {**metrics_to_json(results), "class_names": class_names, "num_images": len(source),
                "split": args.split, "mode": args.mode if args.checkpoint else "predictions",
                "metric_backend": args.metric_backend}
     if accelerator.is_main_process:

@@ -29,7 +29,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -61,6 +60,7 @@ from modeling.checkpointing import (
     versions,
 )
 from modeling.inference import evaluate_segmentation
+from modeling.metrics import metrics_to_json
 from modeling.reliability import (
     DEFAULT_LOADER_TIMEOUT,
     EXIT_PREEMPTED,
@@ -283,15 +283,10 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def to_jsonable(metrics: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else float(v) if isinstance(v, np.generic) else v)
-            for k, v in metrics.items()}
-
-
 # --------------------------------------------------------------------------------------------- eval, checkpoint
 def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, args, output_dir: Path) -> dict:
     """Evaluate on the whole val split; record it; keep the best model; note when --target_miou is first met."""
-    metrics = to_jsonable(evaluate_segmentation(model, *val_data, accelerator, num_workers=args.num_workers))
+    metrics = metrics_to_json(evaluate_segmentation(model, *val_data, accelerator, num_workers=args.num_workers))
     miou, iteration, wall_s = metrics["mean_iou"], state.iteration, clock.wall_s()  # wall time when the eval ends
     state.final_metrics = metrics
     state.eval_log.append({"iteration": iteration, "wall_s": round(wall_s, 3), "mean_iou": miou})

@@ -228,3 +228,18 @@ def test_benchmark_metric_mode_runs_and_agrees(repo_root):
         torch.set_num_threads(threads)  # the benchmark pins its own thread count
     assert report["identical_results"] and report["streaming_cpu_ms_per_image"] > 0
     assert {"speedup_cpu_vs_evaluate_histograms", "speedup_cpu_vs_evaluate_add_batch"} <= set(report)
+
+
+def test_metrics_to_json_gives_plain_lists_and_floats():
+    import json
+
+    from modeling.metrics import MeanIoU, metrics_to_json
+
+    metric = MeanIoU(num_labels=3)
+    metric.update(torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 1, 1, 255]]))
+    metrics = metric.compute()
+    plain = metrics_to_json(metrics)
+    np.testing.assert_equal(json.loads(json.dumps(plain)), plain)  # class 2 has no label pixels: NaN survives
+    assert type(plain["mean_iou"]) is float and plain["mean_iou"] == float(metrics["mean_iou"])
+    assert type(plain["per_category_accuracy"]) is list
+    np.testing.assert_equal(plain["per_category_accuracy"], metrics["per_category_accuracy"])
