@@ -26,7 +26,10 @@ every rank, so all ranks skip together with no extra collective): `torch._amp_fo
 (the GradScaler's kernel, scale 1) sets a found-inf flag. Optimizers that take a found-inf tensor (the fused ones,
 e.g. SGD(fused=True)) then skip the whole update on the device, momentum and weight decay included, as they do
 for the GradScaler: no host sync. Other optimizers pay one sync and get their gradients set to None, which makes
-`step()` touch nothing. fp16: the gradient scaler already checks and skips; its skips are counted the same way.
+`step()` touch nothing. fp16: the gradient scaler makes the same check on the same (scaled) gradients and skips
+by itself; the guard only counts. It cannot ask Accelerate: `accelerator.optimizer_step_was_skipped` is always
+False with a fused optimizer (Accelerate infers a skip from optimizer.step() not being called, and the GradScaler
+calls a fused optimizer's step() every time, handing it found_inf).
 The number of consecutive skipped steps is read at each check: after `max_nonfinite_steps` in a row, NonFiniteError
 stops the run (no bad update was applied meanwhile, so the checkpoints hold the last good weights). A non-finite
 forward pass also makes BatchNorm's running statistics non-finite (they are updated in the forward, not by the
@@ -145,7 +148,7 @@ class StepGuard:
         self._found = torch.zeros(1, device=device)  # this iteration's update was (or would have been) non-finite
         self._streak = torch.zeros(1, device=device)  # consecutive non-finite iterations up to now
         self._skipped = torch.full((1,), float(skipped_steps), device=device)
-        self._fp16 = accelerator.mixed_precision == "fp16"  # the GradScaler checks and skips by itself
+        self._fp16 = getattr(accelerator, "scaler", None) is not None  # the GradScaler skips by itself (fp16)
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
         self._inner = inner if getattr(inner, "_step_supports_amp_scaling", False) else None
         self._inject_at = int(os.environ.get(INJECT_NAN_ENV, "0")) or None  # the test hook (module docstring)
@@ -157,10 +160,10 @@ class StepGuard:
         grads = [p.grad for p in self.params if p.grad is not None]
         if self._inject_at is not None and iteration + 1 >= self._inject_at and grads:
             grads[0][(0,) * grads[0].dim()] = float("nan")
-        if self._fp16:
-            return
         self._found.zero_()
         _found_non_finite(grads, self._found)
+        if self._fp16:  # the GradScaler skips this update by itself
+            return
         if self._inner is not None:
             self._inner.found_inf = self._found  # the fused kernel skips the whole update when it is 1
         elif self._found.item():  # one host sync per iteration for optimizers without found_inf support
@@ -168,8 +171,6 @@ class StepGuard:
 
     def after_iteration(self) -> None:
         """Call once per iteration, after the optimizer step: updates the counters on the device."""
-        if self._fp16:  # Accelerate compares the loss scale before and after the step: already on the host
-            self._found.fill_(float(self.accelerator.optimizer_step_was_skipped))
         self._streak.mul_(self._found).add_(self._found)  # +1 on a skipped step, back to 0 on a good one
         self._skipped.add_(self._found)
 

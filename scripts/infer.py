@@ -3,9 +3,11 @@
     python scripts/infer.py --checkpoint out/run/final photos/ street.jpg --out_dir out/pictures
     python scripts/infer.py --checkpoint fcn_hr18.pth photos/ --out_dir out/pictures --mode slide --cpu
 
-For each input image NAME.png/.jpg (folders are searched recursively), writes NAME_pred.png (colorized),
-NAME_overlay.png (blended on the photo) and NAME_trainIds.png (class ids 0..18) to --out_dir. Runs on the GPU
-when there is one (else CPU), one image at a time, at the image's own size.
+For each input image NAME.png/.jpg, writes NAME_pred.png (colorized), NAME_overlay.png (blended on the photo) and
+NAME_trainIds.png (class ids 0..18) to --out_dir; images found in a folder (searched recursively) keep their path
+below that folder (photos/a/x.jpg -> OUT_DIR/a/x_*.png), so equal names in different subfolders do not overwrite
+each other; two inputs that would still write the same files are an error. Runs on the GPU when there is one
+(else CPU), one image at a time, at the image's own size.
 """
 
 import argparse
@@ -27,18 +29,26 @@ from modeling.visualize import save_prediction_pictures
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def list_images(inputs: list[str]) -> list[Path]:
+def list_images(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(image path, output name without suffix, relative to --out_dir) for every image of the inputs."""
     images = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            images += [(p, p.relative_to(path).with_suffix("")) for p in sorted(path.rglob("*"))
+                       if p.suffix.lower() in IMAGE_SUFFIXES]
         elif path.is_file():
-            images.append(path)
+            images.append((path, Path(path.stem)))
         else:
             raise SystemExit(f"error: {path}: no such image or folder")
     if not images:
         raise SystemExit(f"error: no {'/'.join(IMAGE_SUFFIXES)} images in {' '.join(inputs)}")
+    first_with = {}
+    for path, output in images:
+        other = first_with.setdefault(output, path)
+        if other != path:
+            raise SystemExit(f"error: {other} and {path} would both be written as {output}_*.png in --out_dir; "
+                             "expected inputs with distinct names (run them separately or rename one)")
     return images
 
 
@@ -59,16 +69,16 @@ def main(args) -> dict:
         raise SystemExit(f"error: --checkpoint: {error}") from error
     out_dir = Path(args.out_dir)
     written = []
-    for path in tqdm(images, desc="infer"):
+    for path, output in tqdm(images, desc="infer"):
         image = read_rgb(path)
         pixel_values = normalize(torch.from_numpy(image).permute(2, 0, 1)[None].to(accelerator.device))
         with accelerator.autocast():
             scores = predict(model, pixel_values, args.mode, crop_size=args.crop_size, stride=args.stride,
                              ratios=args.ratios, flip=not args.no_flip, base_size=args.base_size)
         train_ids = scores.argmax(1)[0].to("cpu", torch.uint8).numpy()
-        written += save_prediction_pictures(out_dir, path.stem, image, train_ids)
-        Image.fromarray(train_ids).save(out_dir / f"{path.stem}_trainIds.png")
-        written.append(out_dir / f"{path.stem}_trainIds.png")
+        written += save_prediction_pictures(out_dir / output.parent, output.name, image, train_ids)
+        written.append(out_dir / f"{output}_trainIds.png")
+        Image.fromarray(train_ids).save(written[-1])
     print(f"{len(images)} images -> {out_dir}")
     return {"num_images": len(images), "out_dir": str(out_dir), "files": [str(p) for p in written]}
 

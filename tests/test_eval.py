@@ -401,14 +401,41 @@ def test_infer_writes_masks_and_overlays(cityscapes, tmp_path):
         [str(images), "--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "out"), "--cpu"]))
     assert results["num_images"] == 3
     first = sorted(images.rglob("*.png"))[0]
-    pred = np.array(Image.open(tmp_path / "out" / f"{first.stem}_pred.png"))
-    train_ids = np.array(Image.open(tmp_path / "out" / f"{first.stem}_trainIds.png"))
+    out = tmp_path / "out" / first.parent.name  # the path below the input folder is kept
+    assert len(results["files"]) == 9 and all(Path(f).is_file() for f in results["files"])
+    pred = np.array(Image.open(out / f"{first.stem}_pred.png"))
+    train_ids = np.array(Image.open(out / f"{first.stem}_trainIds.png"))
     assert pred.shape == (64, 128, 3) and train_ids.max() < 19
     np.testing.assert_array_equal(pred, PALETTE[train_ids])  # colorized with the Cityscapes palette
     model = load_model(ckpt).eval()
     pixel_values = normalize(torch.from_numpy(np.array(Image.open(first))).permute(2, 0, 1)[None])
     np.testing.assert_array_equal(train_ids, predict(model, pixel_values).argmax(1)[0].numpy())
-    overlay = np.array(Image.open(tmp_path / "out" / f"{first.stem}_overlay.png"))
+    overlay = np.array(Image.open(out / f"{first.stem}_overlay.png"))
     photo = np.array(Image.open(first))
     np.testing.assert_allclose(overlay, (photo.astype(float) + pred) / 2, atol=1)
+
+
+def test_infer_keeps_equal_names_apart_and_refuses_real_collisions(cityscapes, tmp_path):
+    infer_script = _load_script("infer")
+    root, ckpt = cityscapes
+    first = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    photos = tmp_path / "photos"
+    for folder in ("a", "b"):  # the same file name in two subfolders: two sets of outputs
+        (photos / folder).mkdir(parents=True)
+        (photos / folder / "x.png").write_bytes(first.read_bytes())
+
+    def infer(*argv):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return infer_script.main(infer_script.get_args_parser().parse_args(
+            [*argv, "--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "out"), "--cpu"]))
+
+    results = infer(str(photos))
+    assert results["num_images"] == 2
+    assert {Path(f).relative_to(tmp_path / "out").as_posix() for f in results["files"]} == {
+        f"{d}/x_{kind}.png" for d in "ab" for kind in ("pred", "overlay", "trainIds")}
+    (photos / "a" / "x.jpg").write_bytes(first.read_bytes())  # a/x.png and a/x.jpg: the same outputs
+    with pytest.raises(SystemExit, match=r"photos/a/x.jpg and .*photos/a/x.png would both be written as a/x_\*"):
+        infer(str(photos))
+    with pytest.raises(SystemExit, match=r"would both be written as x_\*.png"):  # two files given by name
+        infer(str(photos / "a" / "x.png"), str(photos / "b" / "x.png"))
 
