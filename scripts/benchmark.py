@@ -342,6 +342,9 @@ REFERENCE_SETTING = "batch 2/process, crop 512x1024"
 REFERENCE_TARGET_MIOU = 0.7811  # Time2train's accuracy figure, as a fraction (train.py's --target_miou scale)
 SEED_CONFIGS = ((1, "fp32"), (8, "fp32"), (1, "fp16"), (8, "fp16"))  # the seed table's rows, always shown
 PRECISION_NAMES = {"no": "fp32"}  # Accelerate's mixed_precision value -> the table's name
+# what `report` shows of a throughput JSON, beside the fields every run has
+THROUGHPUT_FIELDS = ("batch_size", "channels_last", "compile", "input", "s_per_iter", "data_wait_pct",
+                     "peak_memory_gib", "host_syncs_per_step", "collectives_per_step")
 # torch.distributed functions that DDP (buffer broadcast), SyncBN and torch's Python comm hooks call through the
 # module attribute: replacing the attribute sees every such call. Missing names (other torch versions) are skipped.
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor",
@@ -655,7 +658,7 @@ def run_row(run: dict, target_miou) -> dict:
         return {**row, "source": "throughput", "setting": ", ".join([setting, *extras]),
                 "batchnorm": "SyncBN" if data.get("sync_batchnorm") else "BN", "target_miou_pct": None,
                 "time_to_train_s": None, "miou_pct": None, "best_miou_pct": None, "final_miou_pct": None,
-                "per_class_iou": None}
+                "per_class_iou": None, "throughput": {key: data.get(key) for key in THROUGHPUT_FIELDS}}
     target = target_miou if target_miou is not None else data.get("target_miou") or REFERENCE_TARGET_MIOU
     wall_s, miou = time_to_train(data.get("eval_log"), target)
     if "eval_log" not in data and target == data.get("target_miou"):  # no log: trust the run's own figure
@@ -665,6 +668,7 @@ def run_row(run: dict, target_miou) -> dict:
     batchnorm = None if device_type is None or processes is None else (
         "SyncBN" if device_type == "cuda" and processes > 1 else "BN")
     return {**row, "source": "train", "setting": f"batch {per_process}/process" if per_process else None,
+            "throughput": None,
             "batchnorm": batchnorm,
             "target_miou_pct": percent(target), "time_to_train_s": wall_s, "miou_pct": percent(miou),
             "best_miou_pct": percent(data.get("best_miou")), "final_miou_pct": percent(data.get("final_miou")),
@@ -722,6 +726,25 @@ def markdown_table(header: list, lines: list) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def host_syncs(value) -> str | None:
+    return None if not value else f"{value.get('data', '?')}, {value.get('step', '?')}"
+
+
+def throughput_markdown(rows: list) -> str:
+    """The throughput runs' figures, one line each: the columns of BENCHMARKS.md's GPU table."""
+    measured = [r for r in rows if r["throughput"]]
+    if not measured:
+        return "No throughput JSON among the inputs."
+    return markdown_table(
+        ["run", "device", "GPU count", "precision", "batch/process", "channels_last", "compile", "input", "BN",
+         "images/s", "s/iter", "data wait (%)", "peak memory (GiB)", "host syncs / step (data, step)",
+         "collectives / step"],
+        [[r["run"], r["device"], r["gpu_count"], r["precision"], t["batch_size"], t["channels_last"], t["compile"],
+          t["input"], r["batchnorm"], r["images_per_sec"], t["s_per_iter"], t["data_wait_pct"],
+          t["peak_memory_gib"], host_syncs(t["host_syncs_per_step"]), t["collectives_per_step"]]
+         for r in measured for t in [r["throughput"]]])
+
+
 def report_markdown(table: list, rows: list, plots: dict) -> str:
     fields = ("time_to_train_s", "images_per_sec", "miou_pct", "speedup")
     seed = markdown_table(
@@ -750,6 +773,14 @@ Speedup: images/s over the 1-GPU run of the same precision, source and setting. 
 ## All runs
 
 {runs}
+
+## Throughput runs
+
+{throughput_markdown(rows)}
+
+s/iter and data wait: the slowest process's; data wait: host time spent getting the batches, as a share of the step
+time; peak memory: CUDA max allocated on a GPU, the process's max resident set on the CPU; host syncs: counted once
+after the clock with CUDA's sync debug mode (none on the CPU); collectives: torch.distributed calls per step.
 
 ## Plots
 

@@ -128,6 +128,35 @@ def test_report_target_override_and_missing_fields(bench, runs, tmp_path):
                                                                                                 "-"]
 
 
+def test_report_throughput_section_on_gpu_like_runs(bench, runs, tmp_path):
+    # hand-written throughput JSONs as a GPU run writes them (host syncs counted, collectives on 8 processes)
+    def throughput(name, processes, **fields):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({
+            "mode": "throughput", "num_processes": processes, "mixed_precision": "bf16", "device": "NVIDIA H100",
+            "input": "fast", "batch_size": 2, "global_batch": 2 * processes, "crop_size": [512, 1024],
+            "channels_last": True, "compile": False, "sync_batchnorm": processes > 1, **fields}))
+        return path
+
+    one = throughput("h100_b2", 1, images_per_sec=20.0, s_per_iter=0.1, data_wait_pct=1.25, peak_memory_gib=3.5,
+                     host_syncs_per_step={"data": 0, "step": 0}, collectives_per_step=0)
+    eight = throughput("h100x8_b2", 8, images_per_sec=144.0, s_per_iter=0.111, data_wait_pct=2.5,
+                       peak_memory_gib=3.75, host_syncs_per_step={"data": 0, "step": 306}, collectives_per_step=616)
+    results = report(bench, tmp_path / "report", one, eight, runs[0])
+    rows = {row["run"]: row for row in results["runs"]}
+    assert rows["h100x8_b2"]["speedup"] == pytest.approx(7.2)
+    assert rows["h100x8_b2"]["scaling_pct"] == pytest.approx(90.0)
+    assert rows["fp32_1gpu"]["throughput"] is None
+    section = (tmp_path / "report" / "report.md").read_text().split("## Throughput runs")[1]
+    assert table_line(section, "| h100x8_b2 |") == [
+        "h100x8_b2", "NVIDIA H100", "8", "bf16", "2", "True", "False", "fast", "SyncBN", "144.00", "0.11", "2.50",
+        "3.75", "0, 306", "616"]
+    assert table_line(section, "| h100_b2 |")[8:] == ["BN", "20.00", "0.10", "1.25", "3.50", "0, 0", "0"]
+    assert "fp32_1gpu" not in section  # train.py runs are not throughput measurements
+    report(bench, tmp_path / "report2", runs[0])
+    assert "No throughput JSON" in (tmp_path / "report2" / "report.md").read_text()
+
+
 def test_report_bad_input(bench, tmp_path):
     with pytest.raises(SystemExit, match="fraction"):
         report(bench, tmp_path / "r", tmp_path, target=78.11)
@@ -227,3 +256,8 @@ def test_report_over_throughput_runs(bench, launched, runs, tmp_path):
     seed = {(t["gpu_count"], t["precision"]): t for t in results["seed_table"]}
     assert seed[1, "fp32"]["run"] == "synthetic" and seed[8, "fp32"]["run"] == "fp32_8gpu"
     assert (tmp_path / "report" / "images_per_sec.png").read_bytes()[:8] == PNG_MAGIC
+    section = (tmp_path / "report" / "report.md").read_text().split("## Throughput runs")[1]
+    fast = launched["fast"]
+    assert table_line(section, "| fast |") == [
+        "fast", fast["device"], "1", "fp32", "1", "False", "False", "fast", "BN", f"{fast['images_per_sec']:.2f}",
+        f"{fast['s_per_iter']:.2f}", f"{fast['data_wait_pct']:.2f}", f"{fast['peak_memory_gib']:.2f}", "-", "0"]
