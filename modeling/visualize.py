@@ -1,4 +1,4 @@
-"""Pictures of predictions: Cityscapes-palette masks, overlays on the photo, a per-class IoU bar chart.
+"""Pictures of predictions: Cityscapes-palette masks, overlays on the photo, a per-class IoU bar chart; training curves.
 
 Plots go through matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they work headless.
 """
@@ -62,4 +62,42 @@ def plot_class_iou(per_category_iou, class_names, path, title: str = "per-class 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    return path
+
+
+def training_curves(records) -> dict:
+    """{"loss", "lr", "mean_iou"}: each a list of (iteration, value) in iteration order, from train_log.jsonl records.
+
+    A resumed run appends the iterations after its checkpoint again: the last record of an iteration wins.
+    """
+    series = {"loss": {}, "lr": {}, "mean_iou": {}}
+    for record in records:
+        for key, points in series.items():
+            if key in record and record[key] is not None:
+                points[record["iteration"]] = record[key]
+    return {key: sorted(points.items()) for key, points in series.items()}
+
+
+def plot_training_curves(records, path) -> Path:
+    """Training loss, learning rate and validation mIoU (%) against the iteration, side by side, as one PNG.
+
+    Written beside and renamed, so that a viewer refreshing the file during training never reads half a PNG."""
+    curves = training_curves(records)
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = (("loss", "training loss", 1, "tab:blue"), ("lr", "learning rate", 1, "tab:orange"),
+              ("mean_iou", "val mIoU (%)", 100, "tab:green"))
+    for ax, (key, label, scale, color) in zip(fig.subplots(1, 3), panels, strict=True):
+        points = curves[key]
+        ax.plot([i for i, _ in points], [v * scale for _, v in points], color=color,
+                marker="o" if key == "mean_iou" else None, markersize=4)
+        ax.set(xlabel="iteration", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)
     return path

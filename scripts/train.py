@@ -11,8 +11,9 @@
 Accelerate owns the devices, DDP, mixed precision and the gradient scaler; this script owns the recipe. The loop
 counts iterations (optimizer steps; one iteration = gradient_accumulation_steps micro-batches per process), not
 epochs. Outputs in OUTPUT_DIR: results.json (the benchmark's figures; main() returns the same dict),
-train_log.jsonl (one line per log interval and per evaluation), checkpoints/iter_* (resumable, see
-modeling/checkpointing.py), best/ and final/ (save_pretrained, for scripts/eval.py), trackers' logs.
+train_log.jsonl (one line per log interval and per evaluation), training_curves.png (loss, lr and val mIoU, redrawn
+after each evaluation), checkpoints/iter_* (resumable, see modeling/checkpointing.py), best/ and final/
+(save_pretrained, for scripts/eval.py), trackers' logs.
 """
 
 import sys
@@ -77,6 +78,7 @@ from modeling.reliability import (
     signal_name,
     write_preemption_marker,
 )
+from modeling.visualize import plot_training_curves
 
 # The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
 MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
@@ -399,6 +401,11 @@ def check_launch(accelerator) -> None:
         # unrelated single-process runs writing the same files.
         raise SystemExit(f"error: launched as {world_size} processes but Accelerate runs {accelerator.num_processes}:"
                          " without GPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate has no fp16 autocast on the CPU and silently runs fp32: results.json would say fp16
+        raise SystemExit("error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only (on "
+                         "the CPU Accelerate would silently train in fp32): use 'no' or 'bf16' "
+                         "(accelerate_configs/cpu.yaml)")
 
 
 # -------------------------------------------------------------------------------------------------- reliability
@@ -543,6 +550,7 @@ def main(args) -> dict:
             clock.update(state, done, global_batch)
             log(accelerator, log_file, evaluate_and_track(model, val_data, accelerator, state, clock, args,
                                                           output_dir))
+            plot_curves(accelerator, log_file)
             clock.resume(paused_at)
         if done % args.checkpoint_interval == 0 or done == args.max_iters or preempted:
             checkpoint = save(accelerator, model, state, clock, guard, config, args, global_batch)
@@ -572,6 +580,13 @@ def log(accelerator, log_file: Path, record: dict, progress=None) -> None:
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
+
+
+def plot_curves(accelerator, log_file: Path) -> None:
+    """OUTPUT_DIR/training_curves.png (loss, lr, val mIoU) from train_log.jsonl, redrawn after each evaluation."""
+    if accelerator.is_main_process:
+        records = [json.loads(line) for line in log_file.read_text().splitlines()]
+        plot_training_curves(records, log_file.with_name("training_curves.png"))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -689,8 +689,8 @@ def test_a_nan_at_step_k_keeps_the_weights_of_step_k_minus_1_and_stops(train, sy
     assert not (tmp_path / "marker").exists()
 
 
-@pytest.mark.parametrize("bad", ["unknown tag", "crop", "truncated", "no data", "batch"])
-def test_bad_inputs_stop_the_training_script_before_heavy_work(train, synthetic_root, tmp_path, bad):
+@pytest.mark.parametrize("bad", ["unknown tag", "crop", "truncated", "no data", "batch", "fp16 on the CPU"])
+def test_bad_inputs_stop_the_training_script_before_heavy_work(train, synthetic_root, tmp_path, bad, monkeypatch):
     root = synthetic_root
     argv = [*TINY, "--max_iters", "2", "--output_dir", str(tmp_path / "out")]
     if bad == "unknown tag":
@@ -709,6 +709,9 @@ def test_bad_inputs_stop_the_training_script_before_heavy_work(train, synthetic_
         argv[argv.index("synthetic")] = "cityscapes"
         root = tmp_path / "nothing"
         expected = f"error: --data_root: {root}: folder not found"
+    elif bad == "fp16 on the CPU":  # what accelerate launch sets from a *_fp16.yaml config
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        expected = "error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only"
     else:  # 33 images per process: more than the synthetic training split holds
         argv += ["--batch_size", "33"]
         expected = f"error: --batch_size 33 x 1 processes needs at least that many training images, {root} has 32"

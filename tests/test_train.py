@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from modeling import checkpointing
@@ -281,6 +282,23 @@ def test_config_differences_name_what_changed():
         "max_iters: 80000 -> 40000", "world size: 8 -> 4"]
 
 
+def test_training_curves_take_the_last_record_of_an_iteration(tmp_path):
+    from modeling.visualize import plot_training_curves, training_curves
+
+    records = [{"iteration": 1, "loss": 2.0, "lr": 0.01}, {"iteration": 2, "loss": 1.5, "lr": 0.009},
+               {"iteration": 2, "mean_iou": 0.1, "mean_accuracy": 0.2},
+               {"iteration": 2, "loss": 1.4, "lr": 0.009},  # a resumed launch logs iteration 2 again
+               {"iteration": 3, "loss": 1.2, "lr": 0.008}]
+    curves = training_curves(records)
+    assert curves == {"loss": [(1, 2.0), (2, 1.4), (3, 1.2)], "lr": [(1, 0.01), (2, 0.009), (3, 0.008)],
+                      "mean_iou": [(2, 0.1)]}
+    for name, logged in (("curves.png", records), ("empty.png", [])):  # before the first log line too
+        path = plot_training_curves(logged, tmp_path / "plots" / name)
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.size == (1300, 340)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["curves.png", "empty.png"]  # no tmp left
+
+
 # ----------------------------------------------------------------------------------------------------- end to end
 RESUME_RUN = ["--max_iters", "6", "--checkpoint_interval", "3", "--eval_interval", "3", "--log_interval", "1",
               "--pipeline", "fast"]
@@ -316,6 +334,11 @@ def test_resume_from_latest_gives_identical_weights_and_falls_back_from_a_corrup
     for record in resumed_log:
         assert (record["loss"], record["lr"]) == (straight_log[record["iteration"]]["loss"],
                                                   straight_log[record["iteration"]]["lr"])
+    # the curves of the resumed run: iterations 4-6 are in its log twice (before the kill and after the resume)
+    from modeling.visualize import training_curves
+
+    curves = training_curves(read_log(resumed))
+    assert [i for i, _ in curves["loss"]] == [1, 2, 3, 4, 5, 6] and [i for i, _ in curves["mean_iou"]] == [3, 6]
 
 
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(train, synthetic_root, straight_run):
@@ -356,6 +379,8 @@ def test_results_json_has_every_field(straight_run):
     assert [r["iteration"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert all(r["lr"] == pytest.approx(recipe_lr(r["iteration"] - 1, 6), rel=1e-9) for r in log)
     assert all(k in log[0] for k in ("time_per_iter_s", "data_time_s", "images_per_s", "peak_memory_gib"))
+    with Image.open(out / "training_curves.png") as curves:  # redrawn after the last evaluation
+        assert curves.format == "PNG" and curves.size == (1300, 340)
 
 
 def launch(config: str, out_dir, *script_args, env=None, timeout=300):
