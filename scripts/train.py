@@ -441,8 +441,14 @@ def save(accelerator, model, state: TrainState, clock, guard: StepGuard, config:
         check_finite_state(accelerator.unwrap_model(model), state.iteration)
     except NonFiniteError as err:
         raise SystemExit(f"error: {err}") from None
-    path = save_checkpoint(accelerator, Path(args.output_dir) / "checkpoints", state.iteration,
-                           keep=args.keep_checkpoints, config=config, train_state=asdict(state))
+    checkpoints_dir = Path(args.output_dir) / "checkpoints"
+    try:
+        path = save_checkpoint(accelerator, checkpoints_dir, state.iteration, keep=args.keep_checkpoints,
+                               config=config, train_state=asdict(state))
+    except OSError as err:  # disk full, quota, permissions: what was written stays in a .tmp- folder, never read
+        raise SystemExit(f"error: could not write the checkpoint of iteration {state.iteration} into "
+                         f"{checkpoints_dir} ({err}); the earlier checkpoints are intact: free space, then run the "
+                         "same command with --resume_from_checkpoint latest") from None
     clock.resume(paused_at)
     return path
 

@@ -689,6 +689,44 @@ def test_a_nan_at_step_k_keeps_the_weights_of_step_k_minus_1_and_stops(train, sy
     assert not (tmp_path / "marker").exists()
 
 
+def test_a_full_disk_during_a_checkpoint_stops_cleanly_and_the_run_resumes(train, synthetic_root, tmp_path,
+                                                                          monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    save_state, calls = Accelerator.save_state, []
+
+    def save_state_on_a_full_disk(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second checkpoint: one file half written, then the disk is full
+            (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "optimizer.bin"))
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state_on_a_full_disk)
+    out = tmp_path / "full"
+    argv = [*TINY, "--data_root", str(synthetic_root), "--max_iters", "4", "--checkpoint_interval", "2",
+            "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        run_main(train, argv)
+    message = str(stop.value.code)
+    assert message.startswith(f"error: could not write the checkpoint of iteration 4 into {out / 'checkpoints'} "
+                              "([Errno 28] No space left on device"), message
+    assert message.endswith("the earlier checkpoints are intact: free space, then run the same command with "
+                            "--resume_from_checkpoint latest")
+    assert [p.name for p in complete_checkpoints(out)] == ["iter_0000002"]
+    assert (out / "checkpoints" / ".tmp-iter_0000004" / "model.safetensors").stat().st_size == 100
+    assert not (out / "results.json").exists() and not (out / "final").exists()
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)  # space freed: the same command
+    results = run_main(train, argv)
+    assert results["iterations"] == 4
+    assert [r["iteration"] for r in log_lines(out) if "loss" in r] == [1, 2, 3, 4, 3, 4]  # resumed from 2
+    assert [p.name for p in complete_checkpoints(out)] == ["iter_0000002", "iter_0000004"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written folder was replaced
+
+
 @pytest.mark.parametrize("bad", ["unknown tag", "crop", "truncated", "no data", "batch", "fp16 on the CPU"])
 def test_bad_inputs_stop_the_training_script_before_heavy_work(train, synthetic_root, tmp_path, bad, monkeypatch):
     root = synthetic_root
