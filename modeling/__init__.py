@@ -1,22 +1,25 @@
-"""The network (HRNet-W18 + FCN head on timm), its loss, and the metric."""
+"""The network (HRNet-W18 + FCN head on timm), its loss, and the metric.
 
-from modeling.convert import convert_mmseg_state_dict
-from modeling.hrnet_fcn import (
-    DEFAULT_PRETRAINED,
-    HRNetFCNConfig,
-    HRNetFCNForSemanticSegmentation,
-    load_pretrained_backbone,
-    segmentation_loss,
-)
-from modeling.utils import convert_to_sync_batchnorm, to_channels_last
+The names below load their submodule on first use, so that `from modeling.metrics import MeanIoU` (or
+modeling.checkpointing, modeling.visualize) does not import timm and transformers (~5 s).
+"""
 
-__all__ = [
-    "DEFAULT_PRETRAINED",
-    "HRNetFCNConfig",
-    "HRNetFCNForSemanticSegmentation",
-    "convert_mmseg_state_dict",
-    "convert_to_sync_batchnorm",
-    "load_pretrained_backbone",
-    "segmentation_loss",
-    "to_channels_last",
-]
+import importlib
+
+_LAZY = {
+    "DEFAULT_PRETRAINED": "modeling.hrnet_fcn",
+    "HRNetFCNConfig": "modeling.hrnet_fcn",
+    "HRNetFCNForSemanticSegmentation": "modeling.hrnet_fcn",
+    "load_pretrained_backbone": "modeling.hrnet_fcn",
+    "segmentation_loss": "modeling.hrnet_fcn",
+    "convert_mmseg_state_dict": "modeling.convert",
+    "convert_to_sync_batchnorm": "modeling.utils",
+    "to_channels_last": "modeling.utils",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'modeling' has no attribute {name!r}")
