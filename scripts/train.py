@@ -297,10 +297,19 @@ def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, a
     if miou > state.best_miou:
         state.best_miou, state.best_iteration, state.best_metrics = miou, iteration, metrics
         if accelerator.is_main_process:
-            save_pretrained_atomically(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir / "best")
+            write_model(accelerator, model, output_dir / "best")
     accelerator.print(f"iteration {iteration}: mIoU {miou:.4f} (best {state.best_miou:.4f} at {state.best_iteration})")
     return {"iteration": iteration, "mean_iou": miou, "mean_accuracy": metrics["mean_accuracy"],
             "overall_accuracy": metrics["overall_accuracy"]}
+
+
+def write_model(accelerator, model, folder: Path) -> None:
+    """save_pretrained into `folder`, atomically (main process); a failed write is one line, not a traceback."""
+    try:
+        save_pretrained_atomically(accelerator.unwrap_model(model, keep_torch_compile=False), folder)
+    except OSError as err:  # disk full, quota, permissions: the previous `folder` (if any) is untouched
+        raise SystemExit(f"error: could not write {folder} ({err}); the checkpoints are intact: free space, then run "
+                         "the same command with --resume_from_checkpoint latest") from None
 
 
 def run_config(args, accelerator) -> dict:
@@ -569,7 +578,7 @@ def main(args) -> dict:
     clock.update(state, state.iteration, global_batch)
     results = build_results(state, args, accelerator, global_batch)
     if accelerator.is_main_process:
-        save_pretrained_atomically(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir / "final")
+        write_model(accelerator, model, output_dir / "final")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.print(f"done: final mIoU {results['final_miou']:.4f}, best {results['best_miou']:.4f}, "
                       f"{results['images_per_sec'] or math.nan:.2f} images/s; results in {output_dir}")

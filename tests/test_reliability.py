@@ -689,8 +689,7 @@ def test_a_nan_at_step_k_keeps_the_weights_of_step_k_minus_1_and_stops(train, sy
     assert not (tmp_path / "marker").exists()
 
 
-def test_a_full_disk_during_a_checkpoint_stops_cleanly_and_the_run_resumes(train, synthetic_root, tmp_path,
-                                                                          monkeypatch):
+def test_a_full_disk_stops_cleanly_and_the_run_resumes(train, synthetic_root, tmp_path, monkeypatch):
     import errno
 
     from accelerate import Accelerator
@@ -725,6 +724,23 @@ def test_a_full_disk_during_a_checkpoint_stops_cleanly_and_the_run_resumes(train
     assert [r["iteration"] for r in log_lines(out) if "loss" in r] == [1, 2, 3, 4, 3, 4]  # resumed from 2
     assert [p.name for p in complete_checkpoints(out)] == ["iter_0000002", "iter_0000004"]
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written folder was replaced
+
+    # the same at the end: final/ cannot be written; the last checkpoint is complete, the relaunch writes final/
+    final = (out / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "final")
+    (out / "results.json").unlink()
+    write = train.save_pretrained_atomically
+
+    def no_space(model, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(train, "save_pretrained_atomically", no_space)
+    with pytest.raises(SystemExit, match=rf"error: could not write {out / 'final'} \(\[Errno 28\] No space left"):
+        run_main(train, argv)
+    assert not (out / "results.json").exists() and not (out / "final").exists()
+    monkeypatch.setattr(train, "save_pretrained_atomically", write)
+    assert run_main(train, argv)["iterations"] == 4
+    assert (out / "final" / "model.safetensors").read_bytes() == final
 
 
 @pytest.mark.parametrize("bad", ["unknown tag", "crop", "truncated", "no data", "batch", "fp16 on the CPU"])
