@@ -245,7 +245,9 @@ def load_checkpoint(accelerator, spec: str, checkpoints_dir, model=None) -> dict
     if path is None:
         return None
     if model is not None and (Path(path) / "model.safetensors").is_file():
-        check_checkpoint_fits(accelerator.unwrap_model(model), Path(path) / "model.safetensors")
+        # Accelerate saves a torch.compile'd model under its own names (no `_orig_mod.` prefix): compare with those
+        plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        check_checkpoint_fits(plain_model, Path(path) / "model.safetensors")
     try:
         accelerator.load_state(path)
     except pickle.UnpicklingError as err:  # a global that weights_only=True refuses: never unpickled

@@ -447,7 +447,7 @@ def save(accelerator, model, state: TrainState, clock, guard: StepGuard, config:
     clock.update(state, state.iteration, global_batch)
     state.skipped_steps = guard.skipped_steps
     try:
-        check_finite_state(accelerator.unwrap_model(model), state.iteration)
+        check_finite_state(accelerator.unwrap_model(model, keep_torch_compile=False), state.iteration)
     except NonFiniteError as err:
         raise SystemExit(f"error: {err}") from None
     checkpoints_dir = Path(args.output_dir) / "checkpoints"

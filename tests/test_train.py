@@ -239,6 +239,30 @@ def test_checkpoint_round_trip_restores_the_exact_state(tiny_accelerator, tmp_pa
     assert scheduler.get_last_lr() == lr
 
 
+def test_a_compiled_model_resumes_from_its_checkpoint(tmp_path):
+    # --compile: Accelerate wraps the model with torch.compile (keys `_orig_mod.*`) and saves it under the plain
+    # names; the name/shape check before loading must compare with those. torch.compile only compiles on the first
+    # forward, which this test never runs: it checks the names, not inductor (BENCHMARKS.md: a real compiled run).
+    from accelerate import Accelerator
+
+    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
+
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True, dynamo_backend="inductor")
+    torch.manual_seed(0)
+    model = accelerator.prepare(HRNetFCNForSemanticSegmentation(HRNetFCNConfig()))
+    assert next(iter(model.state_dict())).startswith("_orig_mod.")  # compiled, as under --compile
+    save(accelerator, tmp_path, 1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    manifest = checkpointing.load_checkpoint(accelerator, "latest", tmp_path, model)
+    assert manifest["iteration"] == 1
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    reset_accelerate()
+
+
 def test_latest_skips_corrupt_and_incomplete_checkpoints(tiny_accelerator, tmp_path):
     accelerator, _, _, _, step = tiny_accelerator
     for iteration in (1, 2, 3):
