@@ -65,7 +65,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------- resize
 def rescale_size(height: int, width: int, ratio: float, img_scale=IMG_SCALE) -> tuple[int, int]:
-    """mmseg Resize(ratio_range) + mmcv.imrescale: the (h, w) an image is rescaled to for a drawn ratio."""
+    """mmseg Resize + mmcv.imrescale: the (h, w) an image is rescaled to for a ratio (drawn in training, one of
+    the test ratios in aug inference). The order of img_scale's two sides does not matter: the largest size
+    fitting both (long, short) edges is taken."""
     target = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))  # mmseg truncates the scaled target
     factor = min(max(target) / max(height, width), min(target) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from data.transforms import rescale_size
 from modeling.convert import convert_mmseg_state_dict
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 from modeling.metrics import MeanIoU
@@ -95,20 +96,13 @@ def slide_logits(model, pixel_values: torch.Tensor, crop_size=CROP_SIZE, stride=
     return total / count
 
 
-def rescale_size(height: int, width: int, ratio: float, base_size=BASE_SIZE) -> tuple[int, int]:
-    """The reference's keep-ratio resize to (base * ratio): the largest size fitting both its long and short edge."""
-    long_edge, short_edge = int(max(base_size) * ratio), int(min(base_size) * ratio)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
-
-
 def aug_probabilities(model, pixel_values: torch.Tensor, size: Sequence[int], ratios=AUG_RATIOS, flip=True,
                       base_size=BASE_SIZE) -> torch.Tensor:
     """Softmax probabilities at `size`, averaged over the rescaled images and their horizontal flips."""
     height, width = pixel_values.shape[-2:]
     total, passes = None, 0
     for ratio in ratios:
-        scaled_size = rescale_size(height, width, ratio, base_size)
+        scaled_size = rescale_size(height, width, ratio, base_size)  # the same rule as the training resize
         scaled = pixel_values
         if scaled_size != (height, width):
             scaled = F.interpolate(pixel_values, size=scaled_size, mode="bilinear", align_corners=False)

@@ -110,7 +110,7 @@ def test_rescale_size_reference_rule():
     assert rescale_size(1024, 2048, 0.75) == (768, 1536)
     assert rescale_size(1024, 2048, 1.75) == (1792, 3584)
     assert rescale_size(1000, 1500, 1.0) == (1024, 1536)  # limited by the short edge: factor 1.024
-    assert rescale_size(64, 128, 1.25, base_size=(64, 128)) == (80, 160)
+    assert rescale_size(64, 128, 1.25, (64, 128)) == (80, 160)
 
 
 def test_slide_equals_whole_for_a_pointwise_model():
