@@ -35,6 +35,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from modeling.reliability import check_checkpoint_fits
+from modeling.utils import first_line
 
 MANIFEST = "manifest.json"
 MIN_KEEP = 2  # a checkpoint corrupted after it was written must leave a complete one behind
@@ -251,8 +252,8 @@ def load_checkpoint(accelerator, spec: str, checkpoints_dir, model=None) -> dict
     try:
         accelerator.load_state(path)
     except pickle.UnpicklingError as err:  # a global that weights_only=True refuses: never unpickled
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: a file cannot be read with torch.load(weights_only=True): {first_line}") from err
+        raise ValueError(f"{path}: a file cannot be read with torch.load(weights_only=True): {first_line(err)}"
+                         ) from err
     return json.loads((Path(path) / MANIFEST).read_text())
 
 

@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from data.labels import ID2LABEL, IGNORE_INDEX, NUM_CLASSES
-from modeling.utils import check_state_dict, read_weights_file
+from modeling.utils import check_state_dict, first_line, read_weights_file
 
 BACKBONE = "hrnet_w18"
 OUT_INDICES = (1, 2, 3, 4)  # the four branches; index 0 would be the stride-2 stem
@@ -258,9 +258,8 @@ def _timm_state_dict(tag: str) -> dict:
         return timm.create_model(tag, pretrained=True).state_dict()
     except Exception as err:  # offline: huggingface_hub's LocalEntryNotFoundError; proxies, timeouts, ...
         hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id or tag
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
-            f"pretrained backbone {tag!r}: could not fetch timm's weights ({type(err).__name__}: {reason}). "
+            f"pretrained backbone {tag!r}: could not fetch timm's weights ({type(err).__name__}: {first_line(err)}). "
             f"Without network access, download model.safetensors from https://huggingface.co/{hub_id} elsewhere "
             f"and pass the file's path instead of the tag (HF_HUB_OFFLINE=1 makes this fail fast)") from err
 

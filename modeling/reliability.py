@@ -57,6 +57,8 @@ from types import SimpleNamespace
 
 import torch
 
+from modeling.utils import check_state_dict, first_line
+
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, relaunching the same command continues the run
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED_MARKER = "preempted.json"  # written into OUTPUT_DIR on a preemption exit, removed by the next launch
@@ -257,7 +259,7 @@ def explain_loader_errors(loader, what: str, timeout: float):
     try:
         yield from loader
     except RuntimeError as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = first_line(err)
         if "timed out" in text:
             raise LoaderError(f"{what}: no batch from the DataLoader workers within {timeout:g} s (a worker hangs: "
                               "stuck storage or a deadlock in a transform); raise --loader_timeout if reading is "
@@ -339,8 +341,6 @@ def check_pretrained_source(source: str) -> None:
 def check_checkpoint_fits(model, weights_file) -> None:
     """The tensors of a safetensors file (read from its header only) must match `model`'s names and shapes."""
     from safetensors import safe_open
-
-    from modeling.utils import check_state_dict
 
     with safe_open(str(weights_file), framework="pt") as f:
         shapes = {key: SimpleNamespace(shape=tuple(f.get_slice(key).get_shape())) for key in f.keys()}

@@ -33,6 +33,7 @@ from data.cityscapes import as_source, read_image, read_label
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
 from modeling.inference import AUG_RATIOS, BASE_SIZE, CROP_SIZE, MODES, STRIDE, evaluate_segmentation, load_model
 from modeling.metrics import MeanIoU, metrics_to_json
+from modeling.utils import first_line
 from modeling.visualize import plot_class_iou, save_prediction_pictures
 
 
@@ -91,7 +92,7 @@ def load_evaluate_metric(args):
         return evaluate.load(name)
     except Exception as error:  # evaluate raises FileNotFoundError, ConnectionError, ... depending on the cause
         raise SystemExit(f"error: --metric_backend evaluate: could not load {name!r} ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0]}); evaluate fetches mean_iou from the Hugging Face Hub: "
+                         f"{first_line(error)}); evaluate fetches mean_iou from the Hugging Face Hub: "
                          "without network pass --metric_path DIR, a folder holding mean_iou.py") from error
 
 
