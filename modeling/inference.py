@@ -28,7 +28,7 @@ from modeling.convert import convert_mmseg_state_dict
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 from modeling.metrics import MeanIoU
 from modeling.reliability import loader_kwargs
-from modeling.utils import read_weights_file
+from modeling.utils import batch_to_device, read_weights_file
 
 MODES = ("whole", "slide", "aug")
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the reference's multi-scale test
@@ -134,6 +134,26 @@ def predict(model, pixel_values: torch.Tensor, mode: str = "whole", output_size:
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
+def add_inference_args(parser) -> None:
+    """The prediction options that scripts/eval.py and scripts/infer.py share (a parser or an argument group)."""
+    parser.add_argument("--mode", choices=MODES, default="whole")
+    parser.add_argument("--crop_size", type=int, nargs=2, default=CROP_SIZE, metavar=("H", "W"), help="slide")
+    parser.add_argument("--stride", type=int, nargs=2, default=STRIDE, metavar=("H", "W"), help="slide")
+    parser.add_argument("--ratios", type=float, nargs="+", default=AUG_RATIOS, help="aug")
+    parser.add_argument("--base_size", type=int, nargs=2, default=BASE_SIZE, metavar=("H", "W"),
+                        help="aug: the size the ratios multiply (the reference: 1024 2048)")
+    parser.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: the accelerate launch config")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def predict_options(args) -> dict:
+    """`predict`'s keyword arguments from the options of add_inference_args."""
+    return dict(crop_size=args.crop_size, stride=args.stride, ratios=args.ratios, flip=not args.no_flip,
+                base_size=args.base_size)
+
+
 def evaluate_segmentation(model, dataset, on_device: Callable, accelerator, batch_size: int = 1,
                           num_workers: int = 2, mode: str = "whole", predict_kwargs: dict | None = None,
                           on_predictions: Callable | None = None, num_labels: int | None = None,
@@ -163,8 +183,7 @@ def evaluate_segmentation(model, dataset, on_device: Callable, accelerator, batc
     model.eval()
     try:
         for batch in tqdm(loader, desc=f"eval ({mode})", disable=not accelerator.is_main_process):
-            batch = {key: value.to(accelerator.device, non_blocking=True) if torch.is_tensor(value) else value
-                     for key, value in batch.items()}
+            batch = batch_to_device(batch, accelerator.device)
             pixel_values, labels = on_device(batch)
             with accelerator.autocast():
                 scores = predict(model, pixel_values, mode, output_size=labels.shape[-2:], **(predict_kwargs or {}))

@@ -33,6 +33,12 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch with its tensors on `device` (asynchronous from pinned memory), other values as they are."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")

@@ -436,6 +436,7 @@ def batch_source(args, accelerator, train):
 
     from data import get_train_data
     from data.labels import IGNORE_INDEX, NUM_CLASSES
+    from modeling.utils import batch_to_device
 
     device, rank = accelerator.device, accelerator.process_index
     if args.synthetic_input:
@@ -462,7 +463,7 @@ def batch_source(args, accelerator, train):
 
     def next_batch():
         generator.manual_seed(train.augmentation_seed(0, rank, next(iterations)))
-        pixel_values, labels = on_device(train.to_device(next(batches), device), generator)
+        pixel_values, labels = on_device(batch_to_device(next(batches), device), generator)
         if args.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return pixel_values, labels

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from data import get_val_data
 from data.cityscapes import as_source, read_image, read_label
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
-from modeling.inference import AUG_RATIOS, BASE_SIZE, CROP_SIZE, MODES, STRIDE, evaluate_segmentation, load_model
+from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
 from modeling.utils import first_line
 from modeling.visualize import plot_class_iou, save_prediction_pictures
@@ -148,10 +148,8 @@ def main(args) -> dict:
             raise SystemExit(f"error: --checkpoint: {error}") from error
         class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         dataset, on_device = get_val_data(args.data_root, args.split)
-        predict_kwargs = dict(crop_size=args.crop_size, stride=args.stride, ratios=args.ratios,
-                              flip=not args.no_flip, base_size=args.base_size)
         results = evaluate_segmentation(model, dataset, on_device, accelerator, args.batch_size, args.num_workers,
-                                        args.mode, predict_kwargs, on_predictions)
+                                        args.mode, predict_options(args), on_predictions)
     if reference is not None:
         streaming = results
         results = reference.compute(num_labels=len(class_names), ignore_index=IGNORE_INDEX, reduce_labels=False)
@@ -182,18 +180,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument("--data_root", required=True, help="Cityscapes-layout folder (labelTrainIds prepared)")
     what.add_argument("--split", default="val")
     infer = parser.add_argument_group("inference")
-    infer.add_argument("--mode", choices=MODES, default="whole")
-    infer.add_argument("--crop_size", type=int, nargs=2, default=CROP_SIZE, metavar=("H", "W"), help="slide")
-    infer.add_argument("--stride", type=int, nargs=2, default=STRIDE, metavar=("H", "W"), help="slide")
-    infer.add_argument("--ratios", type=float, nargs="+", default=AUG_RATIOS, help="aug")
-    infer.add_argument("--base_size", type=int, nargs=2, default=BASE_SIZE, metavar=("H", "W"),
-                       help="aug: the size the ratios multiply (the reference: 1024 2048)")
-    infer.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
+    add_inference_args(infer)
     infer.add_argument("--batch_size", type=int, default=1, help="per process")
     infer.add_argument("--num_workers", type=int, default=2)
-    infer.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                       help="default: the accelerate launch config")
-    infer.add_argument("--cpu", action="store_true")
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_json", help="write the metric dict, class names and settings here")
     out.add_argument("--format_only", action="store_true", help="write labelIds PNGs for the test server")

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.transforms import normalize
-from modeling.inference import AUG_RATIOS, BASE_SIZE, CROP_SIZE, MODES, STRIDE, load_model, predict
+from modeling.inference import add_inference_args, load_model, predict, predict_options
 from modeling.visualize import save_prediction_pictures
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -73,8 +73,7 @@ def main(args) -> dict:
         image = read_rgb(path)
         pixel_values = normalize(torch.from_numpy(image).permute(2, 0, 1)[None].to(accelerator.device))
         with accelerator.autocast():
-            scores = predict(model, pixel_values, args.mode, crop_size=args.crop_size, stride=args.stride,
-                             ratios=args.ratios, flip=not args.no_flip, base_size=args.base_size)
+            scores = predict(model, pixel_values, args.mode, **predict_options(args))
         train_ids = scores.argmax(1)[0].to("cpu", torch.uint8).numpy()
         written += save_prediction_pictures(out_dir / output.parent, output.name, image, train_ids)
         written.append(out_dir / f"{output}_trainIds.png")
@@ -88,14 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--checkpoint", required=True, help="save_pretrained folder or a reference mmseg .pth")
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--mode", choices=MODES, default="whole")
-    parser.add_argument("--crop_size", type=int, nargs=2, default=CROP_SIZE, metavar=("H", "W"), help="slide")
-    parser.add_argument("--stride", type=int, nargs=2, default=STRIDE, metavar=("H", "W"), help="slide")
-    parser.add_argument("--ratios", type=float, nargs="+", default=AUG_RATIOS, help="aug")
-    parser.add_argument("--base_size", type=int, nargs=2, default=BASE_SIZE, metavar=("H", "W"), help="aug")
-    parser.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    add_inference_args(parser)
     return parser
 
 

@@ -78,6 +78,7 @@ from modeling.reliability import (
     signal_name,
     write_preemption_marker,
 )
+from modeling.utils import batch_to_device
 from modeling.visualize import plot_training_curves
 
 # The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
@@ -137,10 +138,6 @@ def train_batches(dataset, sampler: ShardedEpochSampler, batch_size: int, num_wo
         sampler.set_epoch(epoch, start=skip * batch_size)
         yield from explain_loader_errors(loader, "training data", timeout)
         epoch, skip = epoch + 1, 0
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
@@ -537,7 +534,7 @@ def main(args) -> dict:
         generator.manual_seed(augmentation_seed(args.seed, rank, iteration))
         for _ in range(args.gradient_accumulation_steps):
             t = time.perf_counter()
-            pixel_values, labels = train_on_device(to_device(next(batches), device), generator)
+            pixel_values, labels = train_on_device(batch_to_device(next(batches), device), generator)
             if args.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             data_time += time.perf_counter() - t
