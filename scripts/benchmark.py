@@ -487,8 +487,6 @@ def bench_throughput(args) -> dict | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, to_channels_last
-
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit("error: --iters and --batch_size must be >= 1 and --warmup >= 0")
     if not args.synthetic_input and not args.data_root:
@@ -498,11 +496,9 @@ def bench_throughput(args) -> dict | None:
     train.check_launch(accelerator)
     device, processes = accelerator.device, accelerator.num_processes
     set_seed(0)
-    if args.no_sync_batchnorm:  # per-process BN on several GPUs too: the SyncBN cost is the difference
-        model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
-        model = to_channels_last(model) if args.channels_last else model
-    else:  # as training builds it (SyncBN on several CUDA processes); the weights do not change the speed
-        model = train.create_model("none", args.channels_last, accelerator)
+    # as training builds it (the weights do not change the speed); --no_sync_batchnorm: the SyncBN cost is the
+    # difference with the default run
+    model = train.create_model("none", args.channels_last, accelerator, sync_batchnorm=not args.no_sync_batchnorm)
     optimizer, scheduler = train.create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
     sync_batchnorm = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -552,12 +548,12 @@ def bench_throughput(args) -> dict | None:
     gathered = accelerator.gather(mine)
     elapsed, data_wait, peak_memory, _ = gathered.max(dim=0).values.tolist()
     loss_mean = gathered[:, 3].mean().item() / (args.warmup + args.iters)  # a sanity figure: finite, about ln 19
-    global_batch = args.batch_size * processes
+    global_batch, environment = args.batch_size * processes, train.environment(accelerator)
     results = {
         "mode": "throughput",
         "num_processes": processes,
         "mixed_precision": accelerator.mixed_precision,
-        "device": train.environment(accelerator)["device"],
+        "device": environment["device"],
         "input": "synthetic" if args.synthetic_input else args.pipeline,
         "data_root": None if args.synthetic_input else str(args.data_root),
         "batch_size": args.batch_size,
@@ -579,7 +575,7 @@ def bench_throughput(args) -> dict | None:
         "collectives_by_name": per_step if count else None,
         "host_syncs_per_step": host_syncs,
         "loss_mean": loss_mean,
-        "environment": train.environment(accelerator),
+        "environment": environment,
     }
     accelerator.print(json.dumps(results, indent=2))
     accelerator.end_training()

@@ -192,7 +192,10 @@ def prepare_data_root(args, accelerator) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------------- model
-def create_model(pretrained: str, channels_last: bool, accelerator) -> HRNetFCNForSemanticSegmentation:
+def create_model(pretrained: str, channels_last: bool, accelerator,
+                 sync_batchnorm: bool = True) -> HRNetFCNForSemanticSegmentation:
+    """The network as training runs it; sync_batchnorm=False keeps per-process BN on several GPUs too (the
+    throughput benchmark measures SyncBN's cost that way)."""
     model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
     if pretrained != "none":
         with accelerator.main_process_first():  # one download into the shared cache, then everyone reads it
@@ -201,7 +204,8 @@ def create_model(pretrained: str, channels_last: bool, accelerator) -> HRNetFCNF
             except (FileNotFoundError, ValueError) as err:
                 raise SystemExit(f"error: --pretrained_backbone: {err}") from None
         accelerator.print(f"backbone: {info['loaded']} tensors from {info['source']}")
-    model = convert_to_sync_batchnorm(model, accelerator)  # SyncBN only for several CUDA processes
+    if sync_batchnorm:
+        model = convert_to_sync_batchnorm(model, accelerator)  # SyncBN only for several CUDA processes
     return to_channels_last(model) if channels_last else model
 
 
