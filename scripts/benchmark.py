@@ -723,7 +723,7 @@ def markdown_table(header: list, lines: list) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def host_syncs(value) -> str | None:
+def format_host_syncs(value) -> str | None:
     return None if not value else f"{value.get('data', '?')}, {value.get('step', '?')}"
 
 
@@ -738,7 +738,7 @@ def throughput_markdown(rows: list) -> str:
          "collectives / step"],
         [[r["run"], r["device"], r["gpu_count"], r["precision"], t["batch_size"], t["channels_last"], t["compile"],
           t["input"], r["batchnorm"], r["images_per_sec"], t["s_per_iter"], t["data_wait_pct"],
-          t["peak_memory_gib"], host_syncs(t["host_syncs_per_step"]), t["collectives_per_step"]]
+          t["peak_memory_gib"], format_host_syncs(t["host_syncs_per_step"]), t["collectives_per_step"]]
          for r in measured for t in [r["throughput"]]])
 
 
