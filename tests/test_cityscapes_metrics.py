@@ -186,6 +186,31 @@ def test_batched_update_equals_one_image_at_a_time_and_needs_instances_for_iiou(
         no_instances.update(preds, labels[:, :10])
 
 
+def test_val_data_reads_16_bit_instance_ids_from_pngs_and_from_the_cache(tmp_path):
+    from data import get_val_data
+    from data.prepare import prepare_cityscapes
+    from data.synthetic import generate_cityscapes
+
+    root = generate_cityscapes(tmp_path / "cs", num_train=1, num_val=2, num_test=0, height=64, width=128, seed=1)
+    prepare_cityscapes(root, progress=False)
+    files = sorted((root / "gtFine" / "val").glob("*/*_gtFine_instanceIds.png"))
+    expected = [np.array(Image.open(path)).astype(np.int32) for path in files]
+    assert max(ids.max() for ids in expected) > 24000  # instances (labelId * 1000 + n) need the 16 bits
+    plain, _ = get_val_data(root, "val")
+    assert "instance_ids" not in plain[0]
+    for build_cache in (False, True):  # decoded PNGs, then the fast-path cache: both carry the field
+        if build_cache:
+            prepare_cityscapes(root, build_cache=True, cache_splits=("val",), progress=False)
+        dataset, _ = get_val_data(root, "val", instance_ids=True)
+        assert type(dataset.dataset).__name__ == ("CacheDataset" if build_cache else "ImageDataset")
+        for i, ids in enumerate(expected):
+            item = dataset[i]
+            assert item["instance_ids"].dtype == torch.int32 and item["label"].shape == item["instance_ids"].shape
+            np.testing.assert_array_equal(item["instance_ids"].numpy(), ids)
+    files[1].unlink()  # not every label has its instanceIds: no field (the iIoU figures are then NaN)
+    assert "instance_ids" not in get_val_data(root, "val", instance_ids=True)[0][0]
+
+
 # ------------------------------------------------------------------------------------------- through eval.py
 def _load_eval_script():
     spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).resolve().parents[1] / "scripts" /
