@@ -78,18 +78,23 @@ def get_train_data(root, pipeline: str = "fast", crop_size=(512, 1024), seed: in
     return CacheDataset(cache_dir, "train"), DeviceAugment(crop_size, img_scale, ratio_range, cat_max_ratio)
 
 
-def get_val_data(root, split: str = "val", *, cache_dir=None):
+def get_val_data(root, split: str = "val", *, cache_dir=None, instance_ids: bool = False):
     """(dataset, on_device) of a whole-image split: items {"image": uint8 3xHxW, "label": uint8 HxW, "index"}.
 
     Reads the fast-path cache when a current one exists (prepare_cityscapes.py --cache builds train and val),
-    else decodes the PNGs.
+    else decodes the PNGs. instance_ids=True: items also hold "instance_ids" (int32 HxW, from
+    <stem>_gtFine_instanceIds.png, for the official iIoU) when every label of the split has that file beside it.
     """
-    from data.cityscapes import ImageDataset, as_source
+    from data.cityscapes import ImageDataset, WithInstanceIds, as_source, instance_ids_path
     from data.fast import CacheDataset, cache_is_current
 
     source = as_source(root, split)
+    dataset = ImageDataset(source)
     if cache_dir is not None or isinstance(root, (str, Path)):
         cache_dir = default_cache_dir(root, cache_dir)
         if cache_is_current(cache_dir, split, source):
-            return CacheDataset(cache_dir, split, channels_first=True), val_on_device
-    return ImageDataset(source), val_on_device
+            dataset = CacheDataset(cache_dir, split, channels_first=True)
+    paths = [instance_ids_path(label) for label in source["label"]] if instance_ids else [None]
+    if all(path is not None for path in paths):
+        dataset = WithInstanceIds(dataset, paths)
+    return dataset, val_on_device

@@ -217,3 +217,44 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.source[int(index)]
         return {**val_transform(*read_pair(row["image"], row["label"], f"row {index} ({row['stem']})")),
                 "index": int(index)}
+
+
+# ------------------------------------------------------------------------------------------------- instance ids
+INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
+
+
+def instance_ids_path(label_value) -> Path | None:
+    """The `<stem>_gtFine_instanceIds.png` beside a labelTrainIds path, if that file exists (else None)."""
+    if not isinstance(label_value, (str, Path)) or not str(label_value).endswith(LABEL_SUFFIX):
+        return None
+    path = Path(str(label_value)[:-len(LABEL_SUFFIX)] + INSTANCE_SUFFIX)
+    return path if path.is_file() else None
+
+
+def read_instance_ids(path) -> np.ndarray:
+    """HxW int32 Cityscapes instanceIds (a 16-bit PNG: labelId * 1000 + instance for instances, else the labelId)."""
+    image = _decode(str(path), "instanceIds", str(path))
+    if image.mode not in ("I", "I;16", "I;16B", "L"):
+        raise ValueError(f"{path}: instanceIds mode {image.mode}, expected a single-channel 16-bit PNG")
+    return np.array(image).astype(np.int32)
+
+
+class WithInstanceIds(torch.utils.data.Dataset):
+    """A validation dataset whose items also hold "instance_ids" (int32 HxW, read from `paths`, checked in size)."""
+
+    def __init__(self, dataset, paths: list):
+        self.dataset, self.paths = dataset, paths
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        instance_ids = read_instance_ids(self.paths[int(index)])
+        if instance_ids.shape != tuple(item["label"].shape):
+            raise ValueError(f"{self.paths[int(index)]}: size {instance_ids.shape[1]}x{instance_ids.shape[0]}, "
+                             f"expected its label's {item['label'].shape[1]}x{item['label'].shape[0]}")
+        return {**item, "instance_ids": torch.from_numpy(instance_ids)}

@@ -1,4 +1,4 @@
-"""Pictures of predictions: Cityscapes-palette masks, overlays on the photo, a per-class IoU bar chart; training curves.
+"""Pictures: palette-coloured masks, overlays on the photo, per-class IoU and confusion-matrix charts; training curves.
 
 Plots go through matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they work headless.
 """
@@ -100,4 +100,29 @@ def plot_training_curves(records, path) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     fig.savefig(tmp, dpi=100, format="png")
     tmp.replace(path)
+    return path
+
+
+def plot_confusion_matrix(counts, class_names, path, title: str = "confusion matrix") -> Path:
+    """Row-normalized confusion matrix (ground truth rows, prediction columns, % of each row) as a labelled heatmap;
+    rows without pixels stay blank. A 1000x900 PNG."""
+    counts = np.asarray(counts, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = counts / counts.sum(1, keepdims=True) * 100
+    fig = Figure(figsize=(10, 9), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    for (row, col), value in np.ndenumerate(share):
+        if value >= 0.5:  # label the cells that hold something, in a colour readable on the cell
+            ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if value > 50 else "black")
+    positions = np.arange(len(class_names))
+    ax.set_xticks(positions, class_names, rotation=90)
+    ax.set_yticks(positions, class_names)
+    ax.set(xlabel="prediction", ylabel="ground truth", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="% of the ground-truth class's pixels")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     return path

@@ -5,6 +5,7 @@
     python scripts/eval.py --predictions_dir preds/ --data_root ... --pred_label_type labelIds  # no model
     accelerate launch scripts/eval.py --checkpoint ... --split test --format_only --out_dir submission/
     python scripts/eval.py --checkpoint ... --data_root ... --show_dir pictures/ --output_json results.json
+    python scripts/eval.py --checkpoint ... --data_root ... --confusion_matrix confusion_matrix.png
 
 --mode whole (default): full-resolution inference; slide: 512x1024 crops every 341x682 pixels; aug: ratios
 0.5..1.75 of 2048x1024 plus flips, softmax averaged (RECIPE.md section 4). Mixed precision follows the launch
@@ -12,6 +13,8 @@ config (or --mixed_precision). Prediction PNGs (`<city>_<seq>_<frame>*.png`, any
 trainIds or labelIds) are scored against the same labelTrainIds as a model. --metric_backend evaluate also runs
 HF evaluate's own `mean_iou` script (from the hub, or --metric_path DIR holding mean_iou.py) on the same
 predictions, in one process, storing every map as that script requires.
+The official Cityscapes metrics (class/category IoU and iIoU as cityscapesscripts defines them, precision, recall,
+the confusion matrix) come from the same pass (`results["cityscapes"]`); --confusion_matrix PNG draws the matrix.
 """
 
 import argparse
@@ -29,12 +32,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data import get_val_data
-from data.cityscapes import as_source, read_image, read_label
+from data.cityscapes import as_source, instance_ids_path, read_image, read_instance_ids, read_label
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+from modeling.cityscapes_metrics import CityscapesMetrics
+from modeling.cityscapes_metrics import markdown_table as official_table
 from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
 from modeling.utils import first_line
-from modeling.visualize import plot_class_iou, save_prediction_pictures
+from modeling.visualize import plot_class_iou, plot_confusion_matrix, save_prediction_pictures
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -80,7 +85,11 @@ def score_predictions(args, accelerator, source, on_predictions) -> dict:
         pred = read_prediction(paths[index], args.pred_label_type, label.shape)
         preds, labels = torch.from_numpy(pred)[None], torch.from_numpy(label)[None]
         metric.update(preds, labels)
-        on_predictions(preds, labels, {"index": torch.tensor([index])})
+        batch = {"index": torch.tensor([index])}
+        instances = instance_ids_path(source[index]["label"])  # for the official iIoU, when the file is there
+        if instances is not None:
+            batch["instance_ids"] = torch.from_numpy(read_instance_ids(instances))[None]
+        on_predictions(preds, labels, batch)
     return metric.compute(accelerator)
 
 
@@ -94,6 +103,19 @@ def load_evaluate_metric(args):
         raise SystemExit(f"error: --metric_backend evaluate: could not load {name!r} ({type(error).__name__}: "
                          f"{first_line(error)}); evaluate fetches mean_iou from the Hugging Face Hub: "
                          "without network pass --metric_path DIR, a folder holding mean_iou.py") from error
+
+
+def write_official_outputs(args, official: dict, class_names: list[str]) -> None:
+    """The official Cityscapes table on stdout, the confusion-matrix heatmap (--confusion_matrix, --show_dir)."""
+    print(f"\nCityscapes benchmark metrics (cityscapesscripts' definitions, {official['num_images']} images)\n")
+    print(official_table(official))
+    if official["num_images_with_instances"] < official["num_images"]:
+        print("iIoU: nan, as not every label has its _gtFine_instanceIds.png beside it")
+    paths = [Path(args.confusion_matrix)] if args.confusion_matrix else []
+    paths += [Path(args.show_dir) / "confusion_matrix.png"] if args.show_dir else []
+    for path in paths:
+        plot_confusion_matrix(official["confusion_matrix"], class_names, path,
+                              title=f"{args.split}: confusion matrix (% of each ground-truth class)")
 
 
 def markdown_table(results: dict) -> str:
@@ -122,9 +144,12 @@ def main(args) -> dict:
         raise SystemExit(f"error: --data_root: {error}") from error
     stems = list(source["stem"])
     reference = load_evaluate_metric(args) if args.metric_backend == "evaluate" else None
+    official = CityscapesMetrics(device=accelerator.device)  # the same pass, on the device (None: not 19 classes)
 
     def on_predictions(preds, labels, batch):
-        """Per batch, on each process: the submission files, the pictures, the maps evaluate needs."""
+        """Per batch, on each process: the official metrics, the submission files, the pictures, evaluate's maps."""
+        if official is not None:
+            official.update(preds, labels, batch.get("instance_ids"))
         preds, labels = preds.to("cpu", torch.uint8).numpy(), labels.to("cpu", torch.uint8).numpy()
         for i, index in enumerate(batch["index"].tolist()):
             if args.format_only:  # labelIds, named as the test server and cityscapesscripts expect
@@ -147,7 +172,8 @@ def main(args) -> dict:
         except (FileNotFoundError, ValueError, OSError) as error:
             raise SystemExit(f"error: --checkpoint: {error}") from error
         class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        dataset, on_device = get_val_data(args.data_root, args.split)
+        official = official if model.config.num_labels == NUM_CLASSES else None
+        dataset, on_device = get_val_data(args.data_root, args.split, instance_ids=official is not None)
         results = evaluate_segmentation(model, dataset, on_device, accelerator, args.batch_size, args.num_workers,
                                         args.mode, predict_options(args), on_predictions)
     if reference is not None:
@@ -158,9 +184,13 @@ def main(args) -> dict:
     results = {**metrics_to_json(results), "class_names": class_names, "num_images": len(source),
                "split": args.split, "mode": args.mode if args.checkpoint else "predictions",
                "metric_backend": args.metric_backend}
+    if official is not None:
+        results["cityscapes"] = official.compute(accelerator)  # every process: one all-reduce
     if accelerator.is_main_process:
         if not args.format_only:
             accelerator.print(markdown_table(results))
+            if official is not None:
+                write_official_outputs(args, results["cityscapes"], class_names)
         if args.show_dir:
             plot_class_iou(results["per_category_iou"], class_names, Path(args.show_dir) / "class_iou.png",
                            title=f"{args.split} per-class IoU")
@@ -187,7 +217,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--output_json", help="write the metric dict, class names and settings here")
     out.add_argument("--format_only", action="store_true", help="write labelIds PNGs for the test server")
     out.add_argument("--out_dir", help="where --format_only writes <city>_<seq>_<frame>_leftImg8bit.png")
-    out.add_argument("--show_dir", help="colorized predictions, overlays, ground truth and a per-class IoU chart")
+    out.add_argument("--show_dir", help="colorized predictions, overlays, ground truth, a per-class IoU chart and "
+                     "confusion_matrix.png")
+    out.add_argument("--confusion_matrix", metavar="PNG", help="write the row-normalized confusion matrix heatmap here")
     out.add_argument("--metric_backend", choices=["streaming", "evaluate"], default="streaming")
     out.add_argument("--metric_path", help="local evaluate metric (folder with mean_iou.py) for the evaluate backend")
     return parser
