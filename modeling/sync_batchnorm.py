@@ -8,7 +8,8 @@ but built for a step of a few tens of milliseconds with hundreds of BN layers:
 - forward: each rank packs its per-channel (mean, M2, count) in fp32 into ONE tensor of 2C+1 values and ONE
   `all_gather_single` fills a fixed world_size x (2C+1) buffer; the ranks are combined with the parallel formula of
   Chan et al. (stable; E[x^2] - E[x]^2 is not, see `_combine`). backward: ONE `all_reduce` of [sum(dy),
-  sum(dy * (x - mean))]; weight and bias gradients stay local (DDP averages them as for any parameter).
+  sum(dy * (x - mean))]; weight and bias gradients stay local (DDP averages them as for any parameter). (No
+  backward collective when the input needs no gradient: the same on every rank, as the graph is.)
 - no host sync: torch's version indexes its gathered counts with a boolean mask (a device-to-host copy) in every
   forward; here nothing reads a tensor's value on the host. How to see it: every shape below comes from the input's
   shape (host metadata), the count travels as a tensor inside the packed statistics, and there is no `.item()`,
