@@ -19,6 +19,7 @@ EXPECTED = {
     "cpu.yaml": (DistributedType.NO, 1, 1, "no", True),
     # torchrun launcher + ACCELERATE_USE_CPU=1 (see the file's header for why not MULTI_CPU)
     "cpu_2proc.yaml": (DistributedType.MULTI_GPU, 2, 1, "no", True),
+    "cpu_2node.yaml": (DistributedType.MULTI_GPU, 2, 2, "no", True),  # 2 "machines" x 1 CPU process, localhost
 }
 
 
@@ -51,3 +52,10 @@ def test_two_node_example_has_documented_placeholders():
     assert config.main_process_ip == "REPLACE_WITH_MAIN_NODE_IP" and config.machine_rank == 0
     assert "machine_rank" in text.split("compute_environment")[0]
     assert "main_process_ip" in text.split("compute_environment")[0]
+
+
+def test_cpu_two_node_config_meets_on_localhost_with_one_process_per_machine():
+    config = load_config_from_file(str(CONFIG_DIR / "cpu_2node.yaml"))
+    assert config.main_process_ip == "127.0.0.1" and isinstance(config.main_process_port, int)
+    assert config.num_processes // config.num_machines == 1 and config.machine_rank == 0
+    assert "ACCELERATE_USE_CPU=1" in (CONFIG_DIR / "cpu_2node.yaml").read_text().split("compute_environment")[0]
