@@ -199,6 +199,7 @@ def main(args) -> dict:
                "crop_size": list(args.crop_size), "img_scale": list(img_scale), "seed": args.seed,
                "indices": indices, "samples": samples}
     json_path = Path(args.output_json) if args.output_json else path.with_suffix(".json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
     print(f"{len(indices)} images x {len(columns)} pipeline(s) -> {path} ({size[0]}x{size[1]}), {json_path}")
     return results
