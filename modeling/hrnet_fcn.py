@@ -71,14 +71,15 @@ class HRNetFCNConfig(PretrainedConfig):
 
 # ------------------------------------------------------------------------------------------------------ backbone
 class _BilinearUpsample(nn.Module):
-    """The reference's fuse-layer upsampling: bilinear, align_corners=False, to int(size * factor)."""
+    """The reference's fuse-layer upsampling: bilinear, align_corners=False, to size * factor (an integer)."""
 
     def __init__(self, scale_factor: int):
         super().__init__()
         self.scale_factor = scale_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = [int(s * self.scale_factor) for s in x.shape[-2:]]
+        # no int(): the product stays symbolic when tracing, so an ONNX export with dynamic H, W keeps it
+        size = [s * self.scale_factor for s in x.shape[-2:]]
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
