@@ -154,7 +154,14 @@ def bench_data(args) -> dict:
         cv2.setNumThreads(torch.get_num_threads())  # OpenCV's own thread pool ignores OMP_NUM_THREADS
         decode_ms = per_item(Decode(), args.repeats)
         reference_ms = per_item(reference, args.repeats)
-        mmseg_style_ms = per_item(MmsegStyle(), args.repeats)
+        best_cpu = np.full((2, len(source)), np.inf)  # reference vs mmseg's way: CPU s, interleaved, best per sample
+        for _ in range(args.repeats + 1):
+            for i in range(len(source)):
+                for k, dataset in enumerate((reference, MmsegStyle())):
+                    start = time.process_time()
+                    dataset[i]
+                    best_cpu[k, i] = min(best_cpu[k, i], time.process_time() - start)
+        reference_cpu_ms, mmseg_style_cpu_ms = 1000 * best_cpu.mean(1)
         fast_ms = per_item(fast, args.repeats)
         batch = torch.utils.data.default_collate([fast[i % len(fast)] for i in range(args.batch_size)])
         generator = torch.Generator().manual_seed(0)
@@ -184,8 +191,9 @@ def bench_data(args) -> dict:
         "generate_s": round(generate_s, 2), "prepare_and_cache_s": round(prepare_s, 2),
         "decode_ms_per_sample": round(decode_ms, 3), "reference_ms_per_sample": round(reference_ms, 3),
         "fast_load_ms_per_sample": round(fast_ms, 3),
-        "reference_vs_opencv_mmseg_way": {"reference_ms": round(reference_ms, 2), "opencv_ms": round(mmseg_style_ms, 2),
-                                          "ratio": round(reference_ms / mmseg_style_ms, 2)},
+        "reference_vs_opencv_mmseg_way": {"reference_cpu_ms": round(reference_cpu_ms, 2),
+                                          "opencv_cpu_ms": round(mmseg_style_cpu_ms, 2),
+                                          "ratio": round(reference_cpu_ms / mmseg_style_cpu_ms, 2)},
         "reference_over_fast_load": round(reference_ms / fast_ms, 1),
         "decode_over_fast_load": round(decode_ms / fast_ms, 1),
         "device_aug_ms_per_batch": round(aug_ms, 1), "device_aug_ms_per_sample": round(aug_ms / args.batch_size, 2),
