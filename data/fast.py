@@ -15,7 +15,8 @@ Device augmentation (`DeviceAugment`, the `on_device` of the fast pipeline) repr
 reference pipeline on a whole batch: the same parameter distribution (`draw_batch_params`, from the torch
 generator the training script owns) and, for the same parameters, the same output (`apply_batch_params`):
 - scale + crop + flip are one sampling grid per sample: the crop window's pixels are computed directly from the
-  source image with OpenCV's fixed-point bilinear taps (integer math, so bit-exact), labels by nearest index;
+  source image with OpenCV's fixed-point bilinear taps (data/device_kernels.py: integer math, so bit-exact),
+  labels by nearest index;
   the rescaled image is never materialised;
 - cat_max_ratio: the class histograms of the 10 candidate windows of the nearest-resampled label are computed on
   the device (one histogram per candidate, no host sync) and the first accepted candidate is taken, else the 11th;
@@ -39,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from data.cityscapes import describe, read_pair
+from data.device_kernels import adjust_hue, adjust_saturation, blend_rows, convert, linear_taps, nearest_index
 from data.labels import IGNORE_INDEX
 from data.transforms import (
     BRIGHTNESS_DELTA,
@@ -52,12 +54,6 @@ from data.transforms import (
     RATIO_RANGE,
     SATURATION_RANGE,
     TrainParams,
-    adjust_hue,
-    adjust_saturation,
-    blend_rows,
-    convert,
-    linear_taps,
-    nearest_index,
     normalize,
 )
 
@@ -367,11 +363,13 @@ def _step(on: torch.Tensor, step, x: torch.Tensor, masked: bool) -> torch.Tensor
     return torch.where(on.view(-1, 1, 1, 1), step(x, slice(None)), x)
 
 
-def photometric_batch(images: torch.Tensor, params: BatchParams, masked: bool | None = None) -> torch.Tensor:
+def photometric_batch(images: torch.Tensor, params: BatchParams, masked: bool | None = None,
+                      widths: torch.Tensor | None = None) -> torch.Tensor:
     """PhotoMetricDistortion with per-sample parameters on Bx3xhxw float32 uint8 values, in the reference order.
 
     masked (default: on accelerators) computes every step for the whole batch and masks, with no host sync; on
     the CPU only the samples a step applies to are computed (a sync is free there and it halves the cost).
+    widths (B,): the width of each sample's image inside a padded crop (default w), which OpenCV's HSV2RGB sees.
     """
     def per_sample(t, dims):
         return t.view(-1, *([1] * dims))
@@ -379,11 +377,19 @@ def photometric_batch(images: torch.Tensor, params: BatchParams, masked: bool | 
     def contrast(x, i):
         return convert(x, alpha=per_sample(p.contrast[i], 3))
 
+    def saturation(x, i):
+        return adjust_saturation(x, per_sample(p.saturation[i], 2), row_width=per_sample(widths[i], 2))
+
+    def hue(x, i):
+        return adjust_hue(x, per_sample(p.hue[i], 2), row_width=per_sample(widths[i], 2))
+
     p, masked = params, images.device.type != "cpu" if masked is None else masked
+    if widths is None:
+        widths = torch.full((len(images),), images.shape[-1], device=images.device)
     x = _step(p.brightness_on, lambda x, i: convert(x, beta=per_sample(p.brightness[i], 3)), images, masked)
     x = _step(p.contrast_on & p.contrast_first, contrast, x, masked)
-    x = _step(p.saturation_on, lambda x, i: adjust_saturation(x, per_sample(p.saturation[i], 2)), x, masked)
-    x = _step(p.hue_on, lambda x, i: adjust_hue(x, per_sample(p.hue[i], 2)), x, masked)
+    x = _step(p.saturation_on, saturation, x, masked)
+    x = _step(p.hue_on, hue, x, masked)
     return _step(p.contrast_on & ~p.contrast_first, contrast, x, masked)
 
 
@@ -410,7 +416,7 @@ def apply_batch_params(images: torch.Tensor, labels: torch.Tensor, params: Batch
         return gather_window(images, ys, x0).int() * wx0 + gather_window(images, ys, x1).int() * wx1
 
     pixels = blend_rows(horizontal(y0), horizontal(y1), wy0[:, :, None, None], wy1[:, :, None, None])
-    pixels = photometric_batch(pixels.permute(0, 3, 1, 2).float().contiguous(), params)
+    pixels = photometric_batch(pixels.permute(0, 3, 1, 2).float().contiguous(), params, widths=extent[:, 0])
     return torch.where(valid[:, None], normalize(pixels), 0.0), out_labels
 
 

@@ -18,6 +18,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 # ----------------------------------------------------------------------------------------------- data (issue 4)
+def mmseg_style_sample(image_path: str, label_path: str, seed, crop_size=(512, 1024), img_scale=(2048, 1024),
+                       ratio_range=(0.5, 2.0), cat_max_ratio=0.75):
+    """One training sample the way mmseg v0.11 computes it: plain OpenCV/numpy calls, BGR, as mmcv 1.2.7 makes them.
+
+    The speed baseline of the reference pipeline (data.get_train_data(..., "reference")). It draws from
+    numpy's Generator seeded like the reference's sample (seed = (seed, epoch, index)) in the reference's order,
+    so both compute the same sample (size, crop, flip, photometric steps): only the way differs. The crop test
+    uses np.unique as mmseg's RandomCrop does; Pad is left out (a no-op at these sizes).
+    Returns (float32 3xhxw normalized RGB, int64 hxw labels).
+    """
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = cv2.imread(image_path, cv2.IMREAD_COLOR)  # LoadImageFromFile: BGR uint8
+    label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+    ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]  # Resize(ratio_range) + imrescale
+    target = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+    height, width = label.shape
+    factor = min(max(target) / max(height, width), min(target) / min(height, width))
+    size = (int(width * factor + 0.5), int(height * factor + 0.5))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    margins = (max(label.shape[0] - crop_size[0], 0) + 1, max(label.shape[1] - crop_size[1], 0) + 1)
+    offsets = np.stack([rng.integers(0, margins[0], 11), rng.integers(0, margins[1], 11)], 1)
+    for y, x in offsets:  # RandomCrop(cat_max_ratio): 10 checked tries, then an 11th
+        classes, counts = np.unique(label[y:y + crop_size[0], x:x + crop_size[1]], return_counts=True)
+        counts = counts[classes != 255]
+        if len(counts) > 1 and np.max(counts) / np.sum(counts) < cat_max_ratio:
+            break
+    image, label = image[y:y + crop_size[0], x:x + crop_size[1]], label[y:y + crop_size[0], x:x + crop_size[1]]
+    if rng.random() < 0.5:  # RandomFlip: mmcv.imflip
+        image, label = np.flip(image, axis=1), np.flip(label, axis=1)
+
+    def convert(values, alpha=1.0, beta=0.0):  # PhotoMetricDistortion.convert
+        return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    brightness = rng.uniform(-32, 32) if rng.integers(2) else None
+    mode = rng.integers(2)
+    contrast = rng.uniform(0.5, 1.5) if rng.integers(2) else None
+    if brightness is not None:
+        image = convert(image, beta=brightness)
+    if mode == 1 and contrast is not None:
+        image = convert(image, alpha=contrast)
+    if rng.integers(2):  # saturation: mmcv.bgr2hsv / hsv2bgr
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if rng.integers(2):  # hue
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + rng.integers(-18, 18)) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if mode == 0 and contrast is not None:
+        image = convert(image, alpha=contrast)
+    image = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_BGR2RGB)  # Normalize: mmcv.imnormalize(to_rgb=True)
+    mean, std = np.array([[123.675, 116.28, 103.53]]), np.array([[58.395, 57.12, 57.375]])
+    cv2.subtract(image, mean, image)
+    cv2.multiply(image, 1 / std, image)
+    return np.ascontiguousarray(image.transpose(2, 0, 1)), label.astype(np.int64)  # DefaultFormatBundle
+
+
 def bench_data(args) -> dict:
     """CPU cost per training sample: the reference pipeline from PNGs vs the fast path, on the same files.
 
@@ -33,6 +94,7 @@ def bench_data(args) -> dict:
     import tempfile
     import time
 
+    import cv2
     import numpy as np
     import torch
 
@@ -85,8 +147,21 @@ def bench_data(args) -> dict:
             def __getitem__(self, i):
                 return read_pair(source[i]["image"], source[i]["label"])
 
+        class MmsegStyle(Decode):  # the same samples as plain OpenCV calls, mmseg's way
+            def __getitem__(self, i):
+                return mmseg_style_sample(source[i]["image"], source[i]["label"], (0, 0, i), crop, scale)
+
+        cv2.setNumThreads(torch.get_num_threads())  # OpenCV's own thread pool ignores OMP_NUM_THREADS
         decode_ms = per_item(Decode(), args.repeats)
         reference_ms = per_item(reference, args.repeats)
+        best_cpu = np.full((2, len(source)), np.inf)  # reference vs mmseg's way: CPU s, interleaved, best per sample
+        for _ in range(args.repeats + 1):
+            for i in range(len(source)):
+                for k, dataset in enumerate((reference, MmsegStyle())):
+                    start = time.process_time()
+                    dataset[i]
+                    best_cpu[k, i] = min(best_cpu[k, i], time.process_time() - start)
+        reference_cpu_ms, mmseg_style_cpu_ms = 1000 * best_cpu.mean(1)
         fast_ms = per_item(fast, args.repeats)
         batch = torch.utils.data.default_collate([fast[i % len(fast)] for i in range(args.batch_size)])
         generator = torch.Generator().manual_seed(0)
@@ -116,6 +191,9 @@ def bench_data(args) -> dict:
         "generate_s": round(generate_s, 2), "prepare_and_cache_s": round(prepare_s, 2),
         "decode_ms_per_sample": round(decode_ms, 3), "reference_ms_per_sample": round(reference_ms, 3),
         "fast_load_ms_per_sample": round(fast_ms, 3),
+        "reference_vs_opencv_mmseg_way": {"reference_cpu_ms": round(reference_cpu_ms, 2),
+                                          "opencv_cpu_ms": round(mmseg_style_cpu_ms, 2),
+                                          "ratio": round(reference_cpu_ms / mmseg_style_cpu_ms, 2)},
         "reference_over_fast_load": round(reference_ms / fast_ms, 1),
         "decode_over_fast_load": round(decode_ms / fast_ms, 1),
         "device_aug_ms_per_batch": round(aug_ms, 1), "device_aug_ms_per_sample": round(aug_ms / args.batch_size, 2),

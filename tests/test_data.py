@@ -317,7 +317,7 @@ def test_user_hf_dataset(root, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- benchmark
-def test_benchmark_data_mode(repo_root, tmp_path):
+def test_benchmark_data_mode(repo_root, tmp_path, root):
     bench = load_script(repo_root, "benchmark")
     args = bench.get_args_parser().parse_args(
         ["data", "--height", "64", "--width", "128", "--num_images", "2", "--workers", "0", "--batch_size", "2",
@@ -328,3 +328,11 @@ def test_benchmark_data_mode(repo_root, tmp_path):
         assert key in results
     assert results["fast_load_ms_per_sample"] > 0 and results["reference_ms_per_sample"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["num_images"] == 2
+    timed = results["reference_vs_opencv_mmseg_way"]
+    assert timed["ratio"] == pytest.approx(timed["reference_cpu_ms"] / timed["opencv_cpu_ms"], rel=0.01)
+    # the baseline computes the same samples as the reference pipeline, the mmseg way (BGR, cv2 normalize)
+    dataset, _ = data.get_train_data(root, "reference", crop_size=CROP, img_scale=SCALE)
+    for i, row in enumerate(discover(root, "train")):
+        pixels, labels = bench.mmseg_style_sample(row["image"], row["label"], (0, 0, i), CROP, SCALE)
+        assert torch.equal(dataset[i]["labels"], torch.from_numpy(labels))
+        torch.testing.assert_close(dataset[i]["pixel_values"], torch.from_numpy(pixels), atol=1e-5, rtol=0)
