@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from data.transforms import rescale_size
+from modeling.cli import positive_float, positive_int
 from modeling.convert import convert_mmseg_state_dict
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 from modeling.metrics import MeanIoU
@@ -137,10 +138,12 @@ def predict(model, pixel_values: torch.Tensor, mode: str = "whole", output_size:
 def add_inference_args(parser) -> None:
     """The prediction options that scripts/eval.py and scripts/infer.py share (a parser or an argument group)."""
     parser.add_argument("--mode", choices=MODES, default="whole")
-    parser.add_argument("--crop_size", type=int, nargs=2, default=CROP_SIZE, metavar=("H", "W"), help="slide")
-    parser.add_argument("--stride", type=int, nargs=2, default=STRIDE, metavar=("H", "W"), help="slide")
-    parser.add_argument("--ratios", type=float, nargs="+", default=AUG_RATIOS, help="aug")
-    parser.add_argument("--base_size", type=int, nargs=2, default=BASE_SIZE, metavar=("H", "W"),
+    parser.add_argument("--crop_size", type=positive_int, nargs=2, default=CROP_SIZE, metavar=("H", "W"),
+                        help="slide")
+    parser.add_argument("--stride", type=positive_int, nargs=2, default=STRIDE, metavar=("H", "W"),
+                        help="slide: at most the crop size")
+    parser.add_argument("--ratios", type=positive_float, nargs="+", default=AUG_RATIOS, help="aug")
+    parser.add_argument("--base_size", type=positive_int, nargs=2, default=BASE_SIZE, metavar=("H", "W"),
                         help="aug: the size the ratios multiply (the reference: 1024 2048)")
     parser.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
@@ -149,7 +152,11 @@ def add_inference_args(parser) -> None:
 
 
 def predict_options(args) -> dict:
-    """`predict`'s keyword arguments from the options of add_inference_args."""
+    """`predict`'s keyword arguments from the options of add_inference_args (ValueError: a stride beyond the crop)."""
+    if any(s > c for s, c in zip(args.stride, args.crop_size, strict=True)):  # pixels between crops: no prediction
+        raise ValueError(f"--stride {args.stride[0]} {args.stride[1]} is larger than --crop_size {args.crop_size[0]} "
+                         f"{args.crop_size[1]}: pixels between the crops would get no prediction; expected a stride "
+                         "of at most the crop size")
     return dict(crop_size=args.crop_size, stride=args.stride, ratios=args.ratios, flip=not args.no_flip,
                 base_size=args.base_size)
 

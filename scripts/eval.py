@@ -33,11 +33,14 @@ from tqdm.auto import tqdm
 
 from data import get_val_data
 from data.cityscapes import as_source, instance_ids_path, read_image, read_instance_ids, read_label
+from data.image_checks import open_image
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
 from modeling.cityscapes_metrics import CityscapesMetrics
 from modeling.cityscapes_metrics import markdown_table as official_table
+from modeling.cli import non_negative_int, positive_int, refuse_fp16_on_cpu
 from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
+from modeling.reliability import check_split_files
 from modeling.utils import first_line
 from modeling.visualize import plot_class_iou, plot_confusion_matrix, save_prediction_pictures
 
@@ -62,8 +65,10 @@ def find_predictions(predictions_dir: Path, stems: list[str]) -> list[Path]:
 def read_prediction(path: Path, label_type: str, shape: tuple[int, int]) -> np.ndarray:
     """A prediction PNG as trainIds (labelIds are mapped; ids outside the 19 classes become 255)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path, "prediction PNG") as image:  # a decompression bomb is refused before decoding
             pred = np.array(image)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     except OSError as error:
         raise SystemExit(f"error: {path}: unreadable prediction PNG ({error})") from error
     if pred.ndim != 2 or pred.dtype != np.uint8:
@@ -135,6 +140,7 @@ def main(args) -> dict:
     if args.format_only and (args.out_dir is None or args.checkpoint is None):
         raise SystemExit("error: --format_only needs --checkpoint and --out_dir")
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    refuse_fp16_on_cpu(accelerator)
     if args.metric_backend == "evaluate" and accelerator.num_processes > 1:
         raise SystemExit("error: --metric_backend evaluate runs in one process (it stores every map); "
                          "launch without several processes")
@@ -142,6 +148,11 @@ def main(args) -> dict:
         source = as_source(args.data_root, args.split)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: --data_root: {error}") from error
+    try:
+        check_split_files(source)  # every file a complete PNG (the first two decoded), before any model work
+        predict_options(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     stems = list(source["stem"])
     reference = load_evaluate_metric(args) if args.metric_backend == "evaluate" else None
     official = CityscapesMetrics(device=accelerator.device)  # the same pass, on the device (None: not 19 classes)
@@ -211,8 +222,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument("--split", default="val")
     infer = parser.add_argument_group("inference")
     add_inference_args(infer)
-    infer.add_argument("--batch_size", type=int, default=1, help="per process")
-    infer.add_argument("--num_workers", type=int, default=2)
+    infer.add_argument("--batch_size", type=positive_int, default=1, help="per process")
+    infer.add_argument("--num_workers", type=non_negative_int, default=2)
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_json", help="write the metric dict, class names and settings here")
     out.add_argument("--format_only", action="store_true", help="write labelIds PNGs for the test server")

@@ -7,7 +7,9 @@ For each input image NAME.png/.jpg, writes NAME_pred.png (colorized), NAME_overl
 NAME_trainIds.png (class ids 0..18) to --out_dir; images found in a folder (searched recursively) keep their path
 below that folder (photos/a/x.jpg -> OUT_DIR/a/x_*.png), so equal names in different subfolders do not overwrite
 each other; two inputs that would still write the same files are an error. Runs on the GPU when there is one
-(else CPU), one image at a time, at the image's own size.
+(else CPU), one image at a time, at the image's own size. Any common image mode is read as 8-bit RGB (16-bit
+grayscale scaled to 8 bits, palette/gray/RGBA converted); an image declaring more than 89 M pixels is refused
+before decoding (a decompression bomb), as is --mixed_precision fp16 without a GPU.
 """
 
 import argparse
@@ -22,7 +24,9 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
+from data.image_checks import check_declared_size, read_photo
 from data.transforms import normalize
+from modeling.cli import refuse_fp16_on_cpu
 from modeling.inference import add_inference_args, load_model, predict, predict_options
 from modeling.visualize import save_prediction_pictures
 
@@ -53,16 +57,23 @@ def list_images(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
+    """8-bit RGB of any common mode (16-bit grayscale scaled, not clipped); a decompression bomb is refused."""
     try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except OSError as error:
-        raise SystemExit(f"error: {path}: unreadable image ({error})") from error
+        return read_photo(path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def main(args) -> dict:
     images = list_images(args.inputs)
+    try:
+        options = predict_options(args)
+        for path, _ in images:  # every PNG's header before any work: a bomb among many stops nothing half-done
+            check_declared_size(path)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    refuse_fp16_on_cpu(accelerator)
     try:
         model = load_model(args.checkpoint).to(accelerator.device).eval()
     except (FileNotFoundError, ValueError, OSError) as error:
@@ -73,7 +84,7 @@ def main(args) -> dict:
         image = read_rgb(path)
         pixel_values = normalize(torch.from_numpy(image).permute(2, 0, 1)[None].to(accelerator.device))
         with accelerator.autocast():
-            scores = predict(model, pixel_values, args.mode, **predict_options(args))
+            scores = predict(model, pixel_values, args.mode, **options)
         train_ids = scores.argmax(1)[0].to("cpu", torch.uint8).numpy()
         written += save_prediction_pictures(out_dir / output.parent, output.name, image, train_ids)
         written.append(out_dir / f"{output}_trainIds.png")

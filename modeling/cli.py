@@ -1,0 +1,58 @@
+"""Small command-line helpers shared by the scripts: argparse `type=` checks and the fp16-on-CPU refusal.
+
+    parser.add_argument("--batch_size", type=positive_int, default=1)
+    parser.add_argument("--ratios", type=positive_float, nargs="+")
+
+A bad value stops argparse with a one-line usage error naming the option, e.g.
+`error: argument --stride: expected a positive integer, got 0`, before any work starts.
+"""
+
+import argparse
+import math
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite float (no nan, inf)."""
+    return _number(text, float, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (nan and inf are refused)."""
+    value = _number(text, float, "a finite positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value:g}")
+    return value
+
+
+def refuse_fp16_on_cpu(accelerator) -> None:
+    """Accelerate has no fp16 autocast on the CPU and silently runs fp32: refuse rather than mislabel the run."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SystemExit("error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only (on "
+                         "the CPU Accelerate would silently run in fp32): use 'no' or 'bf16' (--mixed_precision, or "
+                         "accelerate_configs/cpu.yaml)")
