@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from data import get_val_data
 from data.cityscapes import as_source, read_image, read_label
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+from modeling.errors import first_line
 from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
-from modeling.utils import first_line
 from modeling.visualize import plot_class_iou, save_prediction_pictures
 
 
@@ -162,8 +162,8 @@ def main(args) -> dict:
         if not args.format_only:
             accelerator.print(markdown_table(results))
         if args.show_dir:
-            plot_class_iou(results["per_category_iou"], class_names, Path(args.show_dir) / "class_iou.png",
-                           title=f"{args.split} per-class IoU")
+            plot_class_iou({args.split: results["per_category_iou"]}, class_names,
+                           Path(args.show_dir) / "class_iou.png", title=f"{args.split} per-class IoU")
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output_json).write_text(json.dumps(results, indent=2))

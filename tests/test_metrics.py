@@ -184,12 +184,12 @@ def test_ignore_index_none_counts_every_pixel():
     assert_same(ours, reference_mean_iou(preds, labels, 4, None))
 
 
-def test_index_add_path_matches_bincount_path():
-    # The sync-free path used on accelerators (index_add_), forced on CPU, gives the same histogram.
+def test_index_add_path_matches_bincount_path(monkeypatch):
+    # The sync-free path used on accelerators (index_add_), run on the CPU tensors, gives the same histogram.
     rng = np.random.default_rng(10)
     preds, labels = random_maps(rng, label_high=25, pred_low=-2, pred_high=22)
     forced = MeanIoU()
-    forced._use_index_add = True
+    monkeypatch.setattr(forced, "_add_bincount", forced._add_index_add)
     for pred, label in zip(preds, labels, strict=True):
         forced.update(torch.as_tensor(pred), torch.as_tensor(label))
     np.testing.assert_array_equal(forced.joint_histogram(), streaming(preds, labels).joint_histogram())

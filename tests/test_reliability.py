@@ -283,7 +283,7 @@ def test_the_payload_is_live_when_loaded_unsafely(tmp_path):
 def test_malicious_weights_files_are_refused_by_every_loader(tmp_path):
     from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
     from modeling.inference import load_model
-    from modeling.utils import read_weights_file
+    from modeling.weights import read_weights_file
 
     marker = tmp_path / "marker"
     evil = malicious(tmp_path / "evil.pth", marker)
