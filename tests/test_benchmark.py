@@ -1,4 +1,4 @@
-"""scripts/benchmark.py throughput and report (issue 7).
+"""scripts/benchmark.py throughput and report.
 
 report: hand-written results.json files whose figures are known, so the speedup arithmetic, Time2train read from the
 evaluation log (not from the run's own field), the target override, '-' for missing runs and fields, and the plots
@@ -8,7 +8,6 @@ runs on the CPU, started together to share the start-up cost: random input, and 
 fast path; their JSON is checked and fed to `report`.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,13 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: `import train` finds scripts/train.py
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))
+def bench(load_script):
+    return load_script("benchmark")
 
 
 def report(bench, out_dir, *runs, target=None) -> dict:

@@ -214,12 +214,8 @@ def test_compute_without_updates_and_reset():
     assert np.isnan(metric.compute()["mean_iou"])
 
 
-def test_benchmark_metric_mode_runs_and_agrees(repo_root):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_script", repo_root / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+def test_benchmark_metric_mode_runs_and_agrees(load_script):
+    benchmark = load_script("benchmark")
     threads = torch.get_num_threads()
     try:
         report = benchmark.main(benchmark.get_args_parser().parse_args(
