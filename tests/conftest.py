@@ -29,3 +29,14 @@ def load_script():
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(load_script, tmp_path_factory) -> Path:
+    """The training script's own synthetic dataset, prepared with the fast path's cache; runs only read it."""
+    from data.prepare import prepare_cityscapes
+    from data.synthetic import generate_cityscapes
+
+    root = generate_cityscapes(tmp_path_factory.mktemp("synthetic") / "cs", **load_script("train").SYNTHETIC)
+    prepare_cityscapes(root, build_cache=True, progress=False)
+    return root

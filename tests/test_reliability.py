@@ -495,16 +495,6 @@ def train(load_script):
     return load_script("train")
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(train, tmp_path_factory):
-    from data.prepare import prepare_cityscapes
-    from data.synthetic import generate_cityscapes
-
-    root = generate_cityscapes(tmp_path_factory.mktemp("synthetic") / "cs", **train.SYNTHETIC)
-    prepare_cityscapes(root, build_cache=True, progress=False)
-    return root
-
-
 def run_main(train, argv):
     reset_accelerate()
     threads = torch.get_num_threads()

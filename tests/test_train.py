@@ -52,17 +52,6 @@ def train(load_script):
     return load_script("train")
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(train, tmp_path_factory):
-    """One synthetic dataset (the script's own settings) shared by the in-process runs."""
-    from data.prepare import prepare_cityscapes
-    from data.synthetic import generate_cityscapes
-
-    root = generate_cityscapes(tmp_path_factory.mktemp("synthetic") / "cs", **train.SYNTHETIC)
-    prepare_cityscapes(root, build_cache=True)
-    return root
-
-
 # One intra-op thread for the training runs (restored afterwards): with these tiny inputs one thread is nearly as
 # fast as two, while two OpenMP threads on 2 cores that other processes also use thrash (measured: 10-40 s per
 # iteration instead of 0.6 s).

@@ -1,6 +1,16 @@
 """benchmark.py metric: CPU time per image of the streaming MeanIoU vs evaluate's mean_iou, same predictions."""
 
 import argparse
+import platform
+import statistics
+import time
+import warnings
+
+import datasets
+import numpy as np
+import torch
+
+from modeling.metrics import MeanIoU, metrics_from_areas
 
 
 def run(args) -> dict:
@@ -17,17 +27,6 @@ def run(args) -> dict:
     the median over the passes of process CPU time (all threads) and wall time per image. torch runs --threads
     threads (default 1, like numpy).
     """
-    import platform
-    import statistics
-    import time
-    import warnings
-
-    import datasets
-    import numpy as np
-    import torch
-
-    from modeling.metrics import MeanIoU, metrics_from_areas
-
     torch.set_num_threads(args.threads)  # numpy's side is single-threaded: compare like with like
     num_labels, ignore_index = args.num_labels, 255
     generator = torch.Generator().manual_seed(args.seed)

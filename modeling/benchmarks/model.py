@@ -2,6 +2,13 @@
 
 import argparse
 import json
+import time
+from statistics import median
+
+import timm
+import torch
+
+from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 
 
 def run(args) -> dict:
@@ -14,14 +21,6 @@ def run(args) -> dict:
     cancels most of the drift of a shared machine's load; seconds are medians too. Wall time and this process's CPU
     time are both recorded: with --threads 1 on a busy machine the CPU time is the steadier measure of the work.
     """
-    import time
-    from statistics import median
-
-    import timm
-    import torch
-
-    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
-
     if args.height % 32 or args.width % 32:
         raise SystemExit("error: --height and --width must be multiples of 32 (timm's own fusion needs it)")
     if args.threads:

@@ -18,19 +18,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from data import get_train_data
 from data.labels import IGNORE_INDEX, NUM_CLASSES
+from modeling import training
 from modeling.benchmarking import environment, peak_memory_gib
 from modeling.reliability import StepGuard
-from modeling.training import (
-    augmentation_seed,
-    check_launch,
-    create_model,
-    create_optimizer_and_scheduler,
-    create_sampler,
-    end_processes,
-    next_batch,
-    train_batches,
-    training_step,
-)
 
 # torch.distributed functions that DDP (buffer broadcast), SyncBN and torch's Python comm hooks call through the
 # module attribute: replacing the attribute sees every such call. Missing names (other torch versions) are skipped.
@@ -117,14 +107,14 @@ def batch_source(args, accelerator):
         dataset, on_device = get_train_data(args.data_root, pipeline=args.pipeline, crop_size=tuple(args.crop_size))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: --data_root: {error}") from None
-    sampler = create_sampler(dataset, accelerator, args.batch_size, seed=0, data_root=args.data_root)
-    batches = train_batches(dataset, sampler, args.batch_size, args.num_workers, first_batch=0,
+    sampler = training.create_sampler(dataset, accelerator, args.batch_size, seed=0, data_root=args.data_root)
+    batches = training.train_batches(dataset, sampler, args.batch_size, args.num_workers, first_batch=0,
                             pin_memory=device.type == "cuda")
     generator, iterations = torch.Generator(device=device), itertools.count()
 
     def next_training_batch():
-        generator.manual_seed(augmentation_seed(0, rank, next(iterations)))
-        return next_batch(batches, on_device, device, generator, args.channels_last)
+        generator.manual_seed(training.augmentation_seed(0, rank, next(iterations)))
+        return training.next_batch(batches, on_device, device, generator, args.channels_last)
 
     return next_training_batch
 
@@ -144,13 +134,13 @@ def run(args) -> dict | None:
         raise SystemExit("error: --data_root is required unless --synthetic_input is given")
     accelerator = Accelerator(step_scheduler_with_optimizer=False,  # train.py steps the scheduler per iteration
                               dynamo_backend="inductor" if args.compile else None)
-    check_launch(accelerator)
+    training.check_launch(accelerator)
     device, processes = accelerator.device, accelerator.num_processes
     set_seed(0)
     # as training builds it (the weights do not change the speed); --no_sync_batchnorm: the SyncBN cost is the
     # difference with the default run
-    model = create_model("none", args.channels_last, accelerator, sync_batchnorm=not args.no_sync_batchnorm)
-    optimizer, scheduler = create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
+    model = training.create_model("none", args.channels_last, accelerator, sync_batchnorm=not args.no_sync_batchnorm)
+    optimizer, scheduler = training.create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
     sync_batchnorm = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     guard = StepGuard(accelerator, model, optimizer)  # training's non-finite check is part of the step
@@ -166,7 +156,7 @@ def run(args) -> dict | None:
 
     def step(pixel_values, labels) -> torch.Tensor:
         """One iteration as train.py's loop runs it (gradient_accumulation_steps 1)."""
-        loss = training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
+        loss = training.training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
         guard.after_iteration()
         scheduler.step()
         return loss
@@ -229,7 +219,7 @@ def run(args) -> dict | None:
         "environment": env,
     }
     accelerator.print(json.dumps(results, indent=2))
-    end_processes(accelerator)
+    training.end_processes(accelerator)
     return results if accelerator.is_main_process else None
 
 
