@@ -1,7 +1,7 @@
 """Cityscapes data: label table, synthetic generator, discovery, preparation, transforms, fast device-side path.
 
     dataset, on_device = get_train_data(root, pipeline="fast" | "reference", crop_size=(512, 1024), seed=0)
-    pixel_values, labels = on_device(batch_on_device, generator)   # float32 Bx3xhxw normalized, int64 Bxhxw
+    pixel_values, labels = on_device(batch_to_device(batch, device), generator)  # float32 Bx3xhxw, int64 Bxhxw
     dataset, on_device = get_val_data(root, split="val")
 
 `root` is a Cityscapes-layout folder (labelTrainIds prepared by scripts/prepare_cityscapes.py) or a
@@ -13,7 +13,7 @@ import importlib
 from pathlib import Path
 
 __all__ = ["get_train_data", "get_val_data", "discover", "from_hf_dataset", "prepare_cityscapes", "normalize",
-           "reference_on_device", "val_on_device", "default_cache_dir"]
+           "batch_to_device", "reference_on_device", "val_on_device", "default_cache_dir"]
 
 _LAZY = {"discover": "data.cityscapes", "from_hf_dataset": "data.cityscapes", "prepare_cityscapes": "data.prepare",
          "normalize": "data.transforms"}
@@ -34,6 +34,14 @@ def default_cache_dir(root, cache_dir=None) -> Path:
     if not isinstance(root, (str, Path)):
         raise ValueError("the fast path needs cache_dir=... for a datasets.Dataset source")
     return Path(root) / CACHE_DIRNAME
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """A loader batch with its tensors on `device` (asynchronous from pinned memory), other values as they are."""
+    import torch
+
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
 
 
 def reference_on_device(batch: dict, generator=None):

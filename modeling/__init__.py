@@ -13,8 +13,8 @@ _LAZY = {
     "load_pretrained_backbone": "modeling.hrnet_fcn",
     "segmentation_loss": "modeling.hrnet_fcn",
     "convert_mmseg_state_dict": "modeling.convert",
-    "convert_to_sync_batchnorm": "modeling.utils",
-    "to_channels_last": "modeling.utils",
+    "convert_to_sync_batchnorm": "modeling.training",
+    "to_channels_last": "modeling.training",
 }
 __all__ = list(_LAZY)
 

@@ -30,12 +30,13 @@ import platform
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate.utils import broadcast_object_list
 
-from modeling.reliability import check_checkpoint_fits
-from modeling.utils import first_line
+from modeling.errors import first_line
+from modeling.weights import check_state_dict
 
 MANIFEST = "manifest.json"
 MIN_KEEP = 2  # a checkpoint corrupted after it was written must leave a complete one behind
@@ -222,6 +223,19 @@ def config_differences(manifest: dict, config: dict, world_size: int) -> list[st
 
 
 # ----------------------------------------------------------------------------------------------------------- load
+def check_checkpoint_fits(model, weights_file) -> None:
+    """The tensors of a safetensors file (read from its header only) must match `model`'s names and shapes."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as f:
+        shapes = {key: SimpleNamespace(shape=tuple(f.get_slice(key).get_shape())) for key in f.keys()}
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    head = shapes.get("decode_head.conv_seg.weight")
+    if classes is not None and head is not None and head.shape[0] != classes:
+        raise ValueError(f"{weights_file}: a model with {head.shape[0]} classes, this run's model has {classes}")
+    check_state_dict(shapes, model.state_dict(), str(weights_file))
+
+
 def load_checkpoint(accelerator, spec: str, checkpoints_dir, model=None) -> dict | None:
     """Resolve `spec` ("latest" or a folder) on the main process, tell every process, load it everywhere.
 

@@ -8,7 +8,7 @@ modules carry the same names, so the mapping renames nothing: what it does is re
 import torch
 
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
-from modeling.utils import check_state_dict
+from modeling.weights import check_state_dict
 
 _REFERENCE_PREFIXES = {"backbone.": "backbone.", "decode_head.": "decode_head."}  # reference -> ours
 

@@ -29,7 +29,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from data.labels import ID2LABEL, IGNORE_INDEX, NUM_CLASSES
-from modeling.utils import check_state_dict, first_line, read_weights_file
+from modeling.errors import first_line
+from modeling.weights import WEIGHT_FILE_SUFFIXES, check_state_dict, is_weights_file, read_weights_file
 
 BACKBONE = "hrnet_w18"
 OUT_INDICES = (1, 2, 3, 4)  # the four branches; index 0 would be the stride-2 stem
@@ -37,7 +38,6 @@ DEFAULT_PRETRAINED = "hrnet_w18.ms_in1k"  # the MSRA ImageNet weights the refere
 MIN_INPUT_SIZE = 32  # one pixel in the stride-32 branch
 # Keys of timm's (and MSRA's) classification checkpoints that the features model does not have.
 _CLASSIFICATION_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 class HRNetFCNConfig(PretrainedConfig):
@@ -251,10 +251,26 @@ def _backbone_state_dict(state_dict: dict) -> tuple[dict, list[str]]:
     return kept, dropped
 
 
-def _timm_state_dict(tag: str) -> dict:
+def _check_timm_tag(tag: str) -> None:
     if tag not in timm.list_pretrained():
-        raise ValueError(f"pretrained backbone {tag!r}: neither a weights file ({', '.join(_WEIGHT_FILE_SUFFIXES)})"
-                         f" nor a timm pretrained tag such as {', '.join(timm.list_pretrained(BACKBONE + '.*'))}")
+        raise ValueError(f"--pretrained_backbone {tag!r}: neither a weights file ({', '.join(WEIGHT_FILE_SUFFIXES)}), "
+                         f"nor a timm pretrained tag such as {', '.join(timm.list_pretrained(BACKBONE + '.*'))}, "
+                         "nor 'none'")
+
+
+def check_pretrained_source(source: str) -> None:
+    """'none', an existing local weights file, or a known timm pretrained tag; nothing is downloaded."""
+    if source == "none":
+        return
+    if is_weights_file(source):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"--pretrained_backbone {source}: no such weights file")
+        return
+    _check_timm_tag(source)
+
+
+def _timm_state_dict(tag: str) -> dict:
+    _check_timm_tag(tag)
     try:
         return timm.create_model(tag, pretrained=True).state_dict()
     except Exception as err:  # offline: huggingface_hub's LocalEntryNotFoundError; proxies, timeouts, ...
@@ -276,7 +292,7 @@ def load_pretrained_backbone(model: HRNetFCNForSemanticSegmentation, source: str
     may be absent (unused with a fixed momentum), as torch's own loading allows.
     Returns {"source": str, "loaded": number of tensors, "dropped": keys left out}.
     """
-    if Path(source).suffix in _WEIGHT_FILE_SUFFIXES or Path(source).exists():
+    if is_weights_file(source):
         state_dict, where = read_weights_file(source), str(source)
     else:
         state_dict, where = _timm_state_dict(str(source)), f"timm weights {source}"

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from data import batch_to_device
 from data.transforms import rescale_size
 from modeling.cli import positive_float, positive_int
 from modeling.convert import convert_mmseg_state_dict
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 from modeling.metrics import MeanIoU
 from modeling.reliability import loader_kwargs
-from modeling.utils import batch_to_device, read_weights_file
+from modeling.weights import read_weights_file
 
 MODES = ("whole", "slide", "aug")
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the reference's multi-scale test

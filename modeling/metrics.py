@@ -75,8 +75,6 @@ class MeanIoU:
         results = metric.compute(accelerator)          # every process must call it (one all-reduce)
     """
 
-    _use_index_add = None  # None: by device (numpy + bincount on CPU, index_add_ elsewhere); tests force it
-
     def __init__(self, num_labels: int = 19, ignore_index: int | None = 255, reduce_labels: bool = False,
                  label_map: dict | None = None, device: torch.device | str | None = None):
         if num_labels < 1:
@@ -119,14 +117,17 @@ class MeanIoU:
         preds = preds.to(self._hist.device, non_blocking=True)
 
         # index = row * cols + column, row = clamp(label, lo, hi) - lo, column = clamp(pred, -1, num_labels) + 1.
-        use_index_add = self._hist.device.type != "cpu" if self._use_index_add is None else self._use_index_add
-        if use_index_add:
-            # torch.bincount reads its input's max back to the host on CUDA; index_add_ keeps update sync-free.
-            index = self._index_torch(preds, labels).reshape(-1)
-            ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
-            self._hist.index_add_(0, index, ones)
-        else:
-            self._hist += torch.bincount(self._index_cpu(preds, labels).reshape(-1), minlength=self._size)
+        add = self._add_bincount if self._hist.device.type == "cpu" else self._add_index_add
+        add(preds, labels)
+
+    def _add_bincount(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        self._hist += torch.bincount(self._index_cpu(preds, labels).reshape(-1), minlength=self._size)
+
+    def _add_index_add(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        # torch.bincount reads its input's max back to the host on CUDA; index_add_ keeps update sync-free.
+        index = self._index_torch(preds, labels).reshape(-1)
+        ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
+        self._hist.index_add_(0, index, ones)
 
     def _index_torch(self, preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dtype = torch.int32 if self._size <= torch.iinfo(torch.int32).max else torch.int64

@@ -1,71 +1,28 @@
-"""Reliability of long training runs: preemption, non-finite steps, data-loader failures, checks before heavy work.
+"""Reliability of long training runs: preemption, non-finite steps, data-loader failures (README: Reliability).
 
-    preemption = PreemptionFlag().install()          # SIGTERM / SIGUSR1 only set a flag
-    guard = StepGuard(accelerator, model, optimizer, preemption, max_nonfinite_steps=20, check_interval=10)
-    ...                                                # per iteration, per micro-batch:
-    accelerator.backward(loss)
-    guard.before_optimizer_step(iteration)            # marks a non-finite update so that it is not applied
-    optimizer.step()
-    ...                                                # per iteration:
-    guard.after_iteration()
-    signum = guard.check(iteration + 1)               # every check_interval iterations: one tiny all-reduce
-
-Preemption. The handlers only record the signal (nothing else is safe inside a signal handler, and a rank must
-not stop alone: the others would wait for it in the next collective). Every `check_interval` iterations all
-processes all-reduce (max) one tiny tensor holding "a signal arrived here" and the non-finite streak: every rank
-sees the same answer at the same iteration, finishes it, the training script saves a checkpoint and exits with
-EXIT_PREEMPTED (75, sysexits' EX_TEMPFAIL: "try again"). The trade-off of `check_interval`: each check is a
-collective plus a host sync (the CPU stops queueing work ahead of the GPU for that iteration, ~1 ms); checking
-every iteration would pay it every step, checking every k iterations delays the stop by up to k - 1 iterations
-(k = 10 at ~0.3 s per iteration: 3 s of a 90 s warning). Data-loader workers ignore both signals unless their
-parent sends them (Slurm signals every process of a job step: a worker killed by it would kill the run before it
-can save; see `shield_worker`).
-
-Non-finite steps. The skip decision is taken on the device, from the gradients after DDP's all-reduce (identical on
-every rank, so all ranks skip together with no extra collective): `torch._amp_foreach_non_finite_check_and_unscale_`
-(the GradScaler's kernel, scale 1) sets a found-inf flag. Optimizers that take a found-inf tensor (the fused ones,
-e.g. SGD(fused=True)) then skip the whole update on the device, momentum and weight decay included, as they do
-for the GradScaler: no host sync. Other optimizers pay one sync and get their gradients set to None, which makes
-`step()` touch nothing. fp16: the gradient scaler makes the same check on the same (scaled) gradients and skips
-by itself; the guard only counts. It cannot ask Accelerate: `accelerator.optimizer_step_was_skipped` is always
-False with a fused optimizer (Accelerate infers a skip from optimizer.step() not being called, and the GradScaler
-calls a fused optimizer's step() every time, handing it found_inf).
-The number of consecutive skipped steps is read at each check: after `max_nonfinite_steps` in a row, NonFiniteError
-stops the run (no bad update was applied meanwhile, so the checkpoints hold the last good weights). A non-finite
-forward pass also makes BatchNorm's running statistics non-finite (they are updated in the forward, not by the
-optimizer): `check_finite_state` refuses to write such a state into a checkpoint.
-Test hook: with HRNETFCN_INJECT_NAN_AT=k in the environment, the gradients of iteration k (1-based: the update
-that would produce checkpoint iter_k) and of every later one are made NaN.
-
-Data loading. `loader_kwargs` gives DataLoaders a timeout (workers > 0) and the signal-ignoring worker init;
-`explain_loader_errors` turns the DataLoader's timeout / dead-worker RuntimeErrors into one clear message.
-
-Checks before heavy work. `check_split_files` (every file of a split is a complete, non-empty PNG: signature and
-IEND trailer, read in parallel; the first few pairs are decoded and their labels checked), `check_crop_fits`,
-`check_pretrained_source` (unknown timm tag or missing file, without downloading anything),
-`check_checkpoint_fits` (names and shapes from the safetensors header against the model: another number of
-classes is named as such).
+Why it is built this way: a signal handler may only set a flag, and no rank may stop alone (the others would wait
+for it in the next collective), so every `check_interval` iterations all ranks all-reduce one tiny tensor holding
+"a signal arrived" and the non-finite streak, and all stop at the same iteration. A non-finite update is detected
+and skipped on the device from the all-reduced gradients (identical on every rank: no extra collective, no host
+sync with a fused optimizer), as the fp16 GradScaler does. A DataLoader worker that hangs or dies, or that a job
+scheduler signals along with the training process, must not hang or kill the run: `loader_kwargs` and
+`explain_loader_errors`.
 """
 
 import json
 import os
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from modeling.utils import check_state_dict, first_line
+from modeling.errors import first_line
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, relaunching the same command continues the run
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED_MARKER = "preempted.json"  # written into OUTPUT_DIR on a preemption exit, removed by the next launch
-INJECT_NAN_ENV = "HRNETFCN_INJECT_NAN_AT"
 DEFAULT_LOADER_TIMEOUT = 300.0  # seconds a DataLoader may wait for one batch from its workers
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk type and CRC: the last 8 bytes of every complete PNG
 
 
 class NonFiniteError(RuntimeError):
@@ -124,7 +81,13 @@ def clear_preemption_marker(output_dir) -> None:
 
 # ------------------------------------------------------------------------------------------------ non-finite steps
 def _found_non_finite(tensors, found: torch.Tensor) -> None:
-    """found (float32, 1 element) becomes 1 if any tensor holds a NaN/inf; one multi-tensor kernel per dtype."""
+    """found (float32, 1 element) becomes 1 if any tensor holds a NaN/inf, without a host sync.
+
+    torch's private `_amp_foreach_non_finite_check_and_unscale_` (scale 1) is the GradScaler's own check: with fp16
+    the guard counts the scaler's skips and must decide exactly as it does. The public
+    `torch.nn.utils.get_total_norm` would also flag finite gradients whose norm overflows float32 (scaled fp16
+    gradients can). tests/test_reliability.py pins the private function, so a torch upgrade that changes it fails.
+    """
     one = torch.ones(1, device=found.device)
     by_dtype = {}
     for t in tensors:
@@ -153,15 +116,12 @@ class StepGuard:
         self._fp16 = getattr(accelerator, "scaler", None) is not None  # the GradScaler skips by itself (fp16)
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
         self._inner = inner if getattr(inner, "_step_supports_amp_scaling", False) else None
-        self._inject_at = int(os.environ.get(INJECT_NAN_ENV, "0")) or None  # the test hook (module docstring)
 
     def before_optimizer_step(self, iteration: int) -> None:
         """Call between backward and optimizer.step() on every micro-batch (acts on the last one only)."""
         if not self.accelerator.sync_gradients:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self._inject_at is not None and iteration + 1 >= self._inject_at and grads:
-            grads[0][(0,) * grads[0].dim()] = float("nan")
         self._found.zero_()
         _found_non_finite(grads, self._found)
         if self._fp16:  # the GradScaler skips this update by itself
@@ -269,84 +229,3 @@ def explain_loader_errors(loader, what: str, timeout: float):
                               "in the decoding code; run with --num_workers 0 to see the error in the main process"
                               ) from err
         raise
-
-
-# --------------------------------------------------------------------------------------- checks before heavy work
-def _png_problem(path: str) -> str | None:
-    """Why a file is not a complete PNG (None if it looks complete): reads 8 bytes at each end."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(size - 8, 0))
-            tail = f.read(8)
-    except OSError as err:
-        return f"unreadable ({err.strerror})"
-    if size == 0:
-        return "empty file (0 bytes)"
-    if head != _PNG_SIGNATURE:
-        return "not a PNG (bad signature)"
-    if tail != _PNG_TRAILER:
-        return f"truncated PNG (no IEND trailer; {size} bytes)"
-    return None
-
-
-def check_split_files(source, decode: int = 2, threads: int = 16) -> None:
-    """Every image and label of a split (a source from data.cityscapes.discover) is a complete PNG; the first
-    `decode` pairs decode and hold trainIds. Raises ValueError naming the first bad file. Cheap: two 8-byte reads
-    per file (threads hide network-filesystem latency); the full decode of every file happens when it is read."""
-    from data.cityscapes import read_pair
-
-    paths = [p for column in ("image", "label") for p in source[column] if isinstance(p, str | Path)]
-    with ThreadPoolExecutor(threads) as pool:
-        for path, problem in zip(paths, pool.map(_png_problem, paths), strict=True):
-            if problem is not None:
-                raise ValueError(f"{path}: {problem}; expected a complete PNG (re-extract or re-download it)")
-    for i in range(min(decode, len(source))):
-        read_pair(source[i]["image"], source[i]["label"], f"row {i}")
-
-
-def check_crop_fits(image_size: tuple[int, int], crop_size, img_scale) -> None:
-    """The training crop must fit the image rescaled to the nominal scale (ratio 1), else most crops are padding.
-
-    image_size and crop_size are (h, w); img_scale is the recipe's (long, short) resize target."""
-    from data.transforms import rescale_size
-
-    height, width = rescale_size(*image_size, 1.0, img_scale)
-    if crop_size[0] > height or crop_size[1] > width:
-        raise ValueError(f"--crop_size {crop_size[0]} {crop_size[1]} is larger than the training images rescaled to "
-                         f"the nominal scale ({height}x{width} from {image_size[0]}x{image_size[1]}): most crops "
-                         f"would be padding; expected a crop of at most {height} {width}")
-
-
-def check_pretrained_source(source: str) -> None:
-    """'none', an existing local weights file, or a known timm pretrained tag; nothing is downloaded."""
-    from modeling.hrnet_fcn import _WEIGHT_FILE_SUFFIXES, BACKBONE
-
-    if source == "none":
-        return
-    path = Path(source)
-    if path.suffix in _WEIGHT_FILE_SUFFIXES or path.exists():  # the same rule as load_pretrained_backbone
-        if not path.is_file():
-            raise FileNotFoundError(f"--pretrained_backbone {source}: no such weights file")
-        return
-    import timm
-
-    if source not in timm.list_pretrained():
-        suffixes, tags = ", ".join(_WEIGHT_FILE_SUFFIXES), ", ".join(timm.list_pretrained(BACKBONE + ".*"))
-        raise ValueError(f"--pretrained_backbone {source!r}: neither a weights file ({suffixes}), nor a timm "
-                         f"pretrained tag such as {tags}, nor 'none'")
-
-
-def check_checkpoint_fits(model, weights_file) -> None:
-    """The tensors of a safetensors file (read from its header only) must match `model`'s names and shapes."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights_file), framework="pt") as f:
-        shapes = {key: SimpleNamespace(shape=tuple(f.get_slice(key).get_shape())) for key in f.keys()}
-    expected = model.state_dict()
-    classes = getattr(getattr(model, "config", None), "num_labels", None)
-    head = shapes.get("decode_head.conv_seg.weight")
-    if classes is not None and head is not None and head.shape[0] != classes:
-        raise ValueError(f"{weights_file}: a model with {head.shape[0]} classes, this run's model has {classes}")
-    check_state_dict(shapes, expected, str(weights_file))

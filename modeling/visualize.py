@@ -1,4 +1,5 @@
-"""Pictures: palette-coloured masks, overlays on the photo, per-class IoU and confusion-matrix charts; training curves.
+"""Pictures: predictions (Cityscapes-palette masks, overlays), per-class IoU bars, confusion matrix, training curves,
+benchmark plots.
 
 Plots go through matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they work headless.
 """
@@ -41,28 +42,75 @@ def save_prediction_pictures(out_dir, name: str, image: np.ndarray, train_ids: n
     return paths
 
 
-def plot_class_iou(per_category_iou, class_names, path, title: str = "per-class IoU") -> Path:
-    """Horizontal bar chart of IoU (%) per class, bars in the class colours; NaN (class absent) drawn as 'n/a'."""
-    iou = np.asarray(per_category_iou, dtype=np.float64) * 100
-    names = list(class_names)
-    colors = [tuple(c / 255 for c in PALETTE[i]) if i < len(PALETTE) else (0.5, 0.5, 0.5) for i in range(len(names))]
-    fig = Figure(figsize=(7, 0.32 * len(names) + 1.2), layout="constrained")
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    positions = np.arange(len(names))
-    ax.barh(positions, np.nan_to_num(iou), color=colors, edgecolor="black", linewidth=0.5)
-    for y, value in zip(positions, iou, strict=True):
-        ax.text(min(np.nan_to_num(value), 100) + 1, y, "n/a" if np.isnan(value) else f"{value:.1f}", va="center",
-                fontsize=8)
-    ax.set_yticks(positions, names)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 110)
-    ax.set_xlabel("IoU (%)")
-    ax.set_title(f"{title} (mean {np.nanmean(iou):.2f})" if not np.isnan(iou).all() else title)
+    return fig
+
+
+def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_class_iou(runs: dict, class_names, path, title: str = "per-class IoU") -> Path:
+    """Horizontal bars of IoU (%) per class; `runs` maps a name to its per-class IoUs (fractions).
+
+    One run: bars in the class colours with their values, the mean in the title. Several: grouped bars, a legend.
+    NaN (a class absent from the split) draws no bar ('n/a' for one run)."""
+    names = list(class_names)
+    fig = _new_figure(7, max(0.32 * len(names) * max(1, len(runs) / 2), 1) + 1.2)
+    ax = fig.add_subplot()
+    positions = np.arange(len(names))
+    height = 0.8 / len(runs)
+    for i, (run, values) in enumerate(runs.items()):
+        iou = np.asarray(values, dtype=np.float64) * 100
+        if len(runs) == 1:
+            colors = [tuple(c / 255 for c in PALETTE[k]) if k < len(PALETTE) else (0.5, 0.5, 0.5)
+                      for k in range(len(names))]
+            ax.barh(positions, np.nan_to_num(iou), color=colors, edgecolor="black", linewidth=0.5)
+            for y, value in zip(positions, iou, strict=True):
+                ax.text(min(np.nan_to_num(value), 100) + 1, y, "n/a" if np.isnan(value) else f"{value:.1f}",
+                        va="center", fontsize=8)
+            if not np.isnan(iou).all():
+                title = f"{title} (mean {np.nanmean(iou):.2f})"
+        else:
+            ax.barh(positions + i * height, iou, height=height, label=run)
+    ax.set_yticks(positions + (0.4 - height / 2 if len(runs) > 1 else 0), names)
+    ax.invert_yaxis()
+    ax.set(xlabel="IoU (%)", title=title, xlim=(0, 110 if len(runs) == 1 else 100))
+    if len(runs) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_miou_vs_time(curves: dict, targets_pct, path) -> Path:
+    """val mIoU (%) against wall seconds, one line per run (`curves`: name -> (seconds, mIoU %)), a dashed line
+    per Time2train target."""
+    fig = _new_figure(7, 4.5)
+    ax = fig.add_subplot()
+    for name, (seconds, miou_pct) in curves.items():
+        ax.plot(seconds, miou_pct, marker="o", markersize=3, label=name)
+    for target in sorted(set(targets_pct)):
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"target {target:.2f}%", (0, target), color="grey", fontsize=8, va="bottom")
+    ax.set(xlabel="wall time (s)", ylabel="val mIoU (%)", title="mIoU vs wall time")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_images_per_sec(bars, path) -> Path:
+    """One bar per configuration: `bars` holds (label, images/s, colour)."""
+    fig = _new_figure(max(6, 1.1 * len(bars)), 4.5)
+    ax = fig.add_subplot()
+    ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    for x, (_, value, _) in enumerate(bars):
+        ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", fontsize=7)
+    ax.set(ylabel="images/s (global)", title="Training throughput per configuration (grey: reference)")
+    return _save(fig, path)
 
 
 def training_curves(records) -> dict:
@@ -83,8 +131,7 @@ def plot_training_curves(records, path) -> Path:
 
     Written beside and renamed, so that a viewer refreshing the file during training never reads half a PNG."""
     curves = training_curves(records)
-    fig = Figure(figsize=(13, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _new_figure(13, 3.4)
     panels = (("loss", "training loss", 1, "tab:blue"), ("lr", "learning rate", 1, "tab:orange"),
               ("mean_iou", "val mIoU (%)", 100, "tab:green"))
     for ax, (key, label, scale, color) in zip(fig.subplots(1, 3), panels, strict=True):

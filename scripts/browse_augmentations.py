@@ -41,7 +41,7 @@ from data.fast import DeviceAugment, draw_batch_params, select_crops
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE, MEAN, STD, resize_label, select_crop
-from modeling.utils import first_line
+from modeling.errors import first_line
 from modeling.visualize import overlay
 
 PIPELINES = ("reference", "fast")

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, convert_mmseg_state_dict
-from modeling.utils import read_weights_file
+from modeling.weights import read_weights_file
 
 
 def main(args) -> dict:

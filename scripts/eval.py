@@ -32,16 +32,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data import get_val_data
+from data.checks import check_split_files
 from data.cityscapes import as_source, instance_ids_path, read_image, read_instance_ids, read_label
 from data.image_checks import open_image
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
 from modeling.cityscapes_metrics import CityscapesMetrics
 from modeling.cityscapes_metrics import markdown_table as official_table
 from modeling.cli import non_negative_int, positive_int, refuse_fp16_on_cpu
+from modeling.errors import first_line
 from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
-from modeling.reliability import check_split_files
-from modeling.utils import first_line
 from modeling.visualize import plot_class_iou, plot_confusion_matrix, save_prediction_pictures
 
 
@@ -203,8 +203,8 @@ def main(args) -> dict:
             if official is not None:
                 write_official_outputs(args, results["cityscapes"], class_names)
         if args.show_dir:
-            plot_class_iou(results["per_category_iou"], class_names, Path(args.show_dir) / "class_iou.png",
-                           title=f"{args.split} per-class IoU")
+            plot_class_iou({args.split: results["per_category_iou"]}, class_names,
+                           Path(args.show_dir) / "class_iou.png", title=f"{args.split} per-class IoU")
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output_json).write_text(json.dumps(results, indent=2))

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling.errors import first_line
 from modeling.hrnet_fcn import MIN_INPUT_SIZE
 from modeling.inference import load_model
-from modeling.utils import first_line
 
 DYNAMIC_MULTIPLE = 32  # the stride of the coarsest branch
 

@@ -25,32 +25,23 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
-from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
-from transformers import get_polynomial_decay_schedule_with_warmup
 
 from data import get_train_data, get_val_data
+from data.checks import check_crop_fits, check_split_files
 from data.cityscapes import discover
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE
-from modeling import (
-    DEFAULT_PRETRAINED,
-    HRNetFCNConfig,
-    HRNetFCNForSemanticSegmentation,
-    convert_to_sync_batchnorm,
-    load_pretrained_backbone,
-    to_channels_last,
-)
+from modeling.benchmarking import WARMUP_ITERS, Clock, build_results, peak_memory_gib
 from modeling.checkpointing import (
     MIN_KEEP,
     config_differences,
@@ -58,8 +49,8 @@ from modeling.checkpointing import (
     load_checkpoint,
     save_checkpoint,
     save_pretrained_atomically,
-    versions,
 )
+from modeling.hrnet_fcn import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.inference import evaluate_segmentation
 from modeling.metrics import metrics_to_json
 from modeling.reliability import (
@@ -68,84 +59,33 @@ from modeling.reliability import (
     NonFiniteError,
     PreemptionFlag,
     StepGuard,
-    check_crop_fits,
     check_finite_state,
-    check_pretrained_source,
-    check_split_files,
     clear_preemption_marker,
-    explain_loader_errors,
-    loader_kwargs,
     signal_name,
     write_preemption_marker,
 )
-from modeling.utils import batch_to_device
+from modeling.training import (
+    LR_END,
+    POLY_POWER,
+    TrainState,
+    augmentation_seed,
+    check_launch,
+    create_model,
+    create_optimizer_and_scheduler,
+    create_sampler,
+    end_processes,
+    next_batch,
+    train_batches,
+    training_step,
+)
 from modeling.visualize import plot_training_curves
 
-# The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
-MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
 # The synthetic demo set: generated in seconds, trained on at 64x128 crops (as big as the images: crops see the
 # whole scene at the recipe's 0.5-2x scales, so their BN statistics match whole-image evaluation), every class in val.
 SYNTHETIC = {"num_train": 32, "num_val": 8, "num_test": 0, "height": 64, "width": 128, "seed": 0}
-# images/s excludes the first iterations of each launch (allocator, cuDNN autotuning, torch.compile).
-WARMUP_ITERS = 20
 
 
 # --------------------------------------------------------------------------------------------------------- data
-class ShardedEpochSampler(Sampler):
-    """This process's share of a seeded per-epoch shuffle, optionally starting part-way into the epoch.
-
-    Every process draws the same permutation from (seed, epoch) and takes every num_replicas-th entry starting at
-    its rank, after dropping the tail that cannot be split evenly (as DistributedSampler with drop_last). So the
-    global order of samples depends only on the seed and the epoch: rank r's k-th sample is entry k * P + r, which
-    makes 2 processes x batch 1 see exactly what 1 process x batch 1 x 2 accumulation steps sees. `start` skips
-    that many indices of this process's share: resuming mid-epoch never loads (never decodes) a skipped sample.
-    """
-
-    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        self.num_samples, self.num_replicas, self.rank, self.seed = num_samples, num_replicas, rank, seed
-        self.per_replica = num_samples // num_replicas
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)[: self.per_replica * self.num_replicas]
-        return iter(order[self.rank :: self.num_replicas][self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.per_replica - self.start
-
-
-def train_batches(dataset, sampler: ShardedEpochSampler, batch_size: int, num_workers: int, first_batch: int,
-                  pin_memory: bool, timeout: float = DEFAULT_LOADER_TIMEOUT):
-    """Endless stream of this process's micro-batches, starting at micro-batch `first_batch` of the run.
-
-    Epoch e's batches are the sampler's order cut into batch_size pieces (the incomplete last one dropped).
-    dataset.set_epoch(e) makes the per-sample augmentation draws depend on the epoch; the datasets keep the epoch
-    in shared memory, so it reaches the persistent workers before they load anything of epoch e. A worker that
-    hangs for `timeout` seconds or dies is a clear error (modeling/reliability.py), not a silent hang.
-    """
-    per_epoch = sampler.per_replica // batch_size
-    epoch, skip = divmod(first_batch, per_epoch)
-    # worker seeds come from this generator, not from the global RNG, so they replay on resume too
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(sampler.seed), **loader_kwargs(num_workers, timeout))
-    while True:
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=skip * batch_size)
-        yield from explain_loader_errors(loader, "training data", timeout)
-        epoch, skip = epoch + 1, 0
-
-
-def augmentation_seed(seed: int, rank: int, iteration: int) -> int:
-    # The device-side augmentation generator is reseeded every iteration from (seed, rank, iteration): its draws
-    # replay exactly after a resume without saving generator state, and differ between processes.
-    return (seed * 1_000_003 + rank) * 10_000_019 + iteration
-
-
 def train_img_scale(args, data_root: Path) -> tuple[int, int]:
     # The recipe rescales to (2048, 1024) x U[0.5, 2): the Cityscapes size. Synthetic images are smaller, so their
     # scale is taken relative to their own size, which keeps the recipe's range relative to the native image.
@@ -189,101 +129,6 @@ def prepare_data_root(args, accelerator) -> Path:
         prepare_cityscapes(root, build_cache=True)  # idempotent: labelTrainIds + the fast path's cache
     accelerator.wait_for_everyone()
     return root
-
-
-# -------------------------------------------------------------------------------------------------------- model
-def create_model(pretrained: str, channels_last: bool, accelerator,
-                 sync_batchnorm: bool = True) -> HRNetFCNForSemanticSegmentation:
-    """The network as training runs it; sync_batchnorm=False keeps per-process BN on several GPUs too (the
-    throughput benchmark measures SyncBN's cost that way)."""
-    model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
-    if pretrained != "none":
-        with accelerator.main_process_first():  # one download into the shared cache, then everyone reads it
-            try:
-                info = load_pretrained_backbone(model, pretrained)
-            except (FileNotFoundError, ValueError) as err:
-                raise SystemExit(f"error: --pretrained_backbone: {err}") from None
-        accelerator.print(f"backbone: {info['loaded']} tensors from {info['source']}")
-    if sync_batchnorm:
-        model = convert_to_sync_batchnorm(model, accelerator)  # SyncBN only for several CUDA processes
-    return to_channels_last(model) if channels_last else model
-
-
-def create_optimizer_and_scheduler(model, lr: float, max_iters: int):
-    # fused: one kernel for the whole update, which also skips a non-finite update on the device (reliability.py)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
-    # transformers' poly schedule with warmup 0 is the recipe's lr(i) = (lr - LR_END) * (1 - i / N) ** 0.9 + LR_END.
-    # It is stepped once per iteration by the loop (the Accelerator is built with step_scheduler_with_optimizer=
-    # False): a prepared scheduler would otherwise step num_processes times per optimizer step, and skip steps
-    # whose fp16 update overflowed, drifting off the recipe's per-iteration curve.
-    scheduler = get_polynomial_decay_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=max_iters,
-                                                          lr_end=LR_END, power=POLY_POWER)
-    return optimizer, scheduler
-
-
-# ------------------------------------------------------------------------------------------------ state, timing
-@dataclass
-class TrainState:
-    """Everything the loop needs to continue exactly; saved as JSON in each checkpoint's manifest."""
-
-    iteration: int = 0
-    wall_s: float = 0.0  # training wall time so far (evaluations included), summed over launches
-    steady_images: int = 0  # images and seconds of the steady state (warm-up, evaluations, checkpoints excluded)
-    steady_s: float = 0.0
-    skipped_steps: int = 0  # updates not applied: non-finite loss/gradients, or fp16 overflow (the scaler's skips)
-    best_miou: float = -1.0
-    best_iteration: int | None = None
-    best_metrics: dict | None = None
-    final_metrics: dict | None = None
-    time_to_train_s: float | None = None
-    eval_log: list = field(default_factory=list)
-
-
-class Clock:
-    """Wall time and steady-state time of this launch, on top of what earlier launches recorded in `state`.
-
-    Device work is asynchronous: the clock synchronizes only where a measurement ends (start of the steady state,
-    around evaluations and checkpoints, at log points the loss .item() does it), never per iteration.
-    """
-
-    def __init__(self, state: TrainState, device: torch.device, warmup_until: int):
-        self.device, self.warmup_until = device, warmup_until
-        self.t0, self.wall0 = time.perf_counter(), state.wall_s
-        self.steady_t0, self.steady_iter0, self.paused = None, None, 0.0
-        self.steady_images0, self.steady_s0 = state.steady_images, state.steady_s
-
-    def sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def before_iteration(self, iteration: int) -> None:
-        if iteration == self.warmup_until:
-            self.steady_t0, self.steady_iter0 = self.sync(), iteration
-
-    def pause(self) -> float:
-        return self.sync()
-
-    def resume(self, paused_at: float) -> None:
-        self.paused += time.perf_counter() - paused_at
-
-    def wall_s(self) -> float:
-        return self.wall0 + time.perf_counter() - self.t0
-
-    def update(self, state: TrainState, iteration: int, global_batch: int) -> None:
-        """Write this launch's totals up to `iteration` (completed iterations) into `state`."""
-        now = self.sync()
-        state.wall_s = self.wall0 + now - self.t0
-        if self.steady_t0 is not None:
-            state.steady_images = self.steady_images0 + (iteration - self.steady_iter0) * global_batch
-            state.steady_s = self.steady_s0 + now - self.steady_t0 - self.paused
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # --------------------------------------------------------------------------------------------- eval, checkpoint
@@ -344,34 +189,6 @@ def resume(accelerator, args, checkpoints_dir: Path, config: dict, model) -> Tra
     return TrainState(**manifest["train_state"])
 
 
-# ------------------------------------------------------------------------------------------------------ results
-def environment(accelerator) -> dict:
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    return {"device": name, "device_type": device.type, **versions()}
-
-
-def build_results(state: TrainState, args, accelerator, global_batch: int) -> dict:
-    return {
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "iterations": state.iteration,
-        "global_batch": global_batch,
-        "images_per_sec": state.steady_images / state.steady_s if state.steady_s > 0 else None,
-        "target_miou": args.target_miou,
-        "time_to_train_s": state.time_to_train_s,
-        "total_wall_s": state.wall_s,
-        "final_miou": state.final_metrics["mean_iou"] if state.final_metrics else None,
-        "best_miou": state.best_miou if state.best_metrics else None,
-        "best_iteration": state.best_iteration,
-        "final_metrics": state.final_metrics,
-        "best_metrics": state.best_metrics,
-        "skipped_steps": state.skipped_steps,
-        "eval_log": state.eval_log,
-        "environment": environment(accelerator),
-    }
-
-
 # ------------------------------------------------------------------------------------------------ launch checks
 def default_pipeline(args, accelerator) -> str:
     # "fast" augments whole batches on the device: a win on GPUs. On the CPU it would run in the training process
@@ -404,36 +221,7 @@ def check_args(args) -> None:
         raise SystemExit("error: --data_root is required with --dataset cityscapes (or use --dataset synthetic)")
 
 
-def check_launch(accelerator) -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != accelerator.num_processes:
-        # torchrun/accelerate launch started several processes but Accelerate found no CUDA and fell back to
-        # unrelated single-process runs writing the same files.
-        raise SystemExit(f"error: launched as {world_size} processes but Accelerate runs {accelerator.num_processes}:"
-                         " without GPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)")
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate has no fp16 autocast on the CPU and silently runs fp32: results.json would say fp16
-        raise SystemExit("error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only (on "
-                         "the CPU Accelerate would silently train in fp32): use 'no' or 'bf16' "
-                         "(accelerate_configs/cpu.yaml)")
-
-
 # -------------------------------------------------------------------------------------------------- reliability
-def training_step(model, optimizer, accelerator, guard: StepGuard, iteration: int, pixel_values, labels):
-    """One micro-batch: forward with the loss, backward (AMP scaling, DDP all-reduce on the last micro-batch of an
-    accumulation), the optimizer step unless the update is non-finite. scripts/benchmark.py times this function.
-
-    Returns the detached loss: reading it (.item()) would make the host wait for the device every iteration.
-    """
-    with accelerator.accumulate(model):  # no DDP all-reduce and no optimizer step until the last micro-batch
-        loss = model(pixel_values=pixel_values, labels=labels).loss
-        accelerator.backward(loss)
-        guard.before_optimizer_step(iteration)  # a non-finite update is not applied
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def check_health(guard: StepGuard, done: int) -> int | None:
     """The periodic cross-process check: the number of a preemption signal any process received, else None."""
     try:
@@ -476,9 +264,7 @@ def exit_preempted(accelerator, preemption: PreemptionFlag, signum: int, iterati
 
 def shutdown(accelerator, preemption: PreemptionFlag) -> None:
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # stops trackers and destroys the process group (else torchrun reports SIGABRT)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_processes(accelerator)
     preemption.restore()
 
 
@@ -503,12 +289,9 @@ def main(args) -> dict:
     check_data(args, data_root)
     train_set, train_on_device = load_train_data(args, data_root, default_pipeline(args, accelerator))
     val_data = get_val_data(data_root, split="val")
-    sampler = ShardedEpochSampler(len(train_set), accelerator.num_processes, rank, seed=args.seed)
-    if sampler.per_replica < args.batch_size:
-        raise SystemExit(f"error: --batch_size {args.batch_size} x {accelerator.num_processes} processes needs at "
-                         f"least that many training images, {data_root} has {len(train_set)}")
+    sampler = create_sampler(train_set, accelerator, args.batch_size, args.seed, data_root)
 
-    model = create_model(args.pretrained_backbone, args.channels_last, accelerator)
+    model = create_model(args.pretrained_backbone, args.channels_last, accelerator, sync_batchnorm=True)
     optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     config = run_config(args, accelerator)
@@ -538,9 +321,7 @@ def main(args) -> dict:
         generator.manual_seed(augmentation_seed(args.seed, rank, iteration))
         for _ in range(args.gradient_accumulation_steps):
             t = time.perf_counter()
-            pixel_values, labels = train_on_device(batch_to_device(next(batches), device), generator)
-            if args.channels_last:
-                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            pixel_values, labels = next_batch(batches, train_on_device, device, generator, args.channels_last)
             data_time += time.perf_counter() - t
             loss_sum += training_step(model, optimizer, accelerator, guard, iteration, pixel_values, labels)
         guard.after_iteration()  # counts the skipped updates, on the device
@@ -577,7 +358,7 @@ def main(args) -> dict:
     if state.final_metrics is None:  # only when resuming past --max_iters (forced): the loop did not run
         evaluate_and_track(model, val_data, accelerator, state, clock, args, output_dir)
     clock.update(state, state.iteration, global_batch)
-    results = build_results(state, args, accelerator, global_batch)
+    results = build_results(state, args.target_miou, accelerator, global_batch)
     if accelerator.is_main_process:
         write_model(accelerator, model, output_dir / "final")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py throughput and report (issue 7).
+"""scripts/benchmark.py throughput and report.
 
 report: hand-written results.json files whose figures are known, so the speedup arithmetic, Time2train read from the
 evaluation log (not from the run's own field), the target override, '-' for missing runs and fields, and the plots
@@ -8,7 +8,6 @@ runs on the CPU, started together to share the start-up cost: random input, and 
 fast path; their JSON is checked and fed to `report`.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,13 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: `import train` finds scripts/train.py
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))
+def bench(load_script):
+    return load_script("benchmark")
 
 
 def report(bench, out_dir, *runs, target=None) -> dict:
@@ -167,9 +161,11 @@ def test_report_bad_input(bench, tmp_path):
         report(bench, tmp_path / "r", tmp_path / "other.json")
 
 
-def test_collective_counter_sees_ddp_buckets_and_buffer_broadcast(bench):
+def test_collective_counter_sees_ddp_buckets_and_buffer_broadcast():
     """One-process gloo group: DDP still all-reduces each gradient bucket and broadcasts buffers every forward."""
     import torch.distributed as dist
+
+    from modeling.benchmarks import throughput
 
     original = dist.all_reduce
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -178,8 +174,8 @@ def test_collective_counter_sees_ddp_buckets_and_buffer_broadcast(bench):
         model = torch.nn.Sequential(torch.nn.Linear(4, 300), torch.nn.BatchNorm1d(300), torch.nn.Linear(300, 4))
         # a 0.001 MB cap puts each parameter tensor (>= 4 x 300 floats) in its own bucket after the first step
         ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
-        bench.count_gradient_buckets(ddp)
-        with bench.CollectiveCounter() as counter:
+        throughput.count_gradient_buckets(ddp)
+        with throughput.CollectiveCounter() as counter:
             ddp(torch.randn(8, 4)).sum().backward()  # first step: DDP rebuilds its buckets afterwards
             before = counter.counts.copy()
             for _ in range(2):

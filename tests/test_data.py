@@ -3,7 +3,6 @@
 Everything runs on a synthetic Cityscapes (data/synthetic.py) of 64x128 images.
 """
 
-import importlib.util
 import io
 import json
 import logging
@@ -22,16 +21,10 @@ from data.fast import CACHE_DIRNAME, CacheDataset, build_cache, cache_is_current
 from data.labels import ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
+from modeling.benchmarks.data import mmseg_style_sample
 
 CROP, SCALE = (32, 64), (128, 64)  # crop (h, w) and img_scale (long, short) sized for 64x128 images
 VALID = set(range(NUM_CLASSES)) | {IGNORE_INDEX}
-
-
-def load_script(repo_root, name):
-    spec = importlib.util.spec_from_file_location(name, repo_root / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +52,10 @@ def scratch_root(root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- preparation
-def test_prepare_writes_train_ids_idempotently(raw_root, tmp_path, repo_root):
+def test_prepare_writes_train_ids_idempotently(raw_root, tmp_path, load_script):
     root = tmp_path / "cs"
     shutil.copytree(raw_root, root)
-    script = load_script(repo_root, "prepare_cityscapes")
+    script = load_script("prepare_cityscapes")
     stats = script.main(script.get_args_parser().parse_args(["--data_root", str(root), "--nproc", "2"]))
     assert stats["written"] == 7 and stats["skipped"] == 0 and stats["cache"] == {}
     label_ids = sorted(root.glob("gtFine/*/*/*_gtFine_labelIds.png"))
@@ -89,8 +82,8 @@ def test_prepare_writes_train_ids_idempotently(raw_root, tmp_path, repo_root):
     np.testing.assert_array_equal(np.array(Image.open(target)), before)
 
 
-def test_prepare_script_errors(tmp_path, repo_root):
-    script = load_script(repo_root, "prepare_cityscapes")
+def test_prepare_script_errors(tmp_path, load_script):
+    script = load_script("prepare_cityscapes")
     parse = script.get_args_parser().parse_args
     with pytest.raises(SystemExit, match="error: --data_root .*not a directory"):
         script.main(parse(["--data_root", str(tmp_path / "missing")]))
@@ -317,8 +310,8 @@ def test_user_hf_dataset(root, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- benchmark
-def test_benchmark_data_mode(repo_root, tmp_path, root):
-    bench = load_script(repo_root, "benchmark")
+def test_benchmark_data_mode(load_script, tmp_path, root):
+    bench = load_script("benchmark")
     args = bench.get_args_parser().parse_args(
         ["data", "--height", "64", "--width", "128", "--num_images", "2", "--workers", "0", "--batch_size", "2",
          "--crop_size", "32", "64", "--img_scale", "128", "64", "--repeats", "1", "--work_dir", str(tmp_path / "bench"),
@@ -333,6 +326,6 @@ def test_benchmark_data_mode(repo_root, tmp_path, root):
     # the baseline computes the same samples as the reference pipeline, the mmseg way (BGR, cv2 normalize)
     dataset, _ = data.get_train_data(root, "reference", crop_size=CROP, img_scale=SCALE)
     for i, row in enumerate(discover(root, "train")):
-        pixels, labels = bench.mmseg_style_sample(row["image"], row["label"], (0, 0, i), CROP, SCALE)
+        pixels, labels = mmseg_style_sample(row["image"], row["label"], (0, 0, i), CROP, SCALE)
         assert torch.equal(dataset[i]["labels"], torch.from_numpy(labels))
         torch.testing.assert_close(dataset[i]["pixel_values"], torch.from_numpy(pixels), atol=1e-5, rtol=0)

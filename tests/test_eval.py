@@ -1,6 +1,5 @@
 """Inference modes, the shared evaluation loop (1 and 2 processes), scripts/eval.py and scripts/infer.py."""
 
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -232,18 +231,10 @@ def test_two_processes_uneven_shards_give_identical_figures(tmp_path):
 
 # ------------------------------------------------------------------------- scripts/eval.py, scripts/infer.py
 # (Scripts and data are imported here, not at the top: the 2-process workers import this file; imports are slow.)
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).resolve().parents[1] / "scripts" /
-                                                  f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def run_eval():
+def run_eval(load_script):
     """run_eval(*argv) -> scripts/eval.py main's results, on the CPU, in this process."""
-    eval_script = _load_script("eval")
+    eval_script = load_script("eval")
 
     def run(*argv):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -315,11 +306,12 @@ def test_eval_checkpoint_matches_direct_evaluation_and_outputs(run_eval, citysca
     assert scored["mean_iou"] == results["mean_iou"] and scored["overall_accuracy"] == results["overall_accuracy"]
 
 
-def test_trained_model_evaluates_to_what_training_reported(run_eval, cityscapes, tmp_path, monkeypatch):
+def test_trained_model_evaluates_to_what_training_reported(run_eval, cityscapes, tmp_path, monkeypatch,
+                                                           load_script):
     from accelerate.state import GradientState
 
     root, _ = cityscapes
-    train_script = _load_script("train")
+    train_script = load_script("train")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # eval.py runs with --cpu: the same device, the same numbers
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -388,12 +380,12 @@ def test_eval_errors_are_one_line(run_eval, cityscapes, tmp_path, monkeypatch):
             run_eval(*argv)
 
 
-def test_infer_writes_masks_and_overlays(cityscapes, tmp_path):
+def test_infer_writes_masks_and_overlays(cityscapes, tmp_path, load_script):
     from data.labels import PALETTE
     from data.transforms import normalize
     from modeling.inference import load_model
 
-    infer_script = _load_script("infer")
+    infer_script = load_script("infer")
     root, ckpt = cityscapes
     AcceleratorState._reset_state(reset_partial_state=True)
     images = root / "leftImg8bit" / "val"
@@ -415,8 +407,8 @@ def test_infer_writes_masks_and_overlays(cityscapes, tmp_path):
     np.testing.assert_allclose(overlay, (photo.astype(float) + pred) / 2, atol=1)
 
 
-def test_infer_keeps_equal_names_apart_and_refuses_real_collisions(cityscapes, tmp_path):
-    infer_script = _load_script("infer")
+def test_infer_keeps_equal_names_apart_and_refuses_real_collisions(cityscapes, tmp_path, load_script):
+    infer_script = load_script("infer")
     root, ckpt = cityscapes
     first = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
     photos = tmp_path / "photos"

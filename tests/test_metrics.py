@@ -184,12 +184,12 @@ def test_ignore_index_none_counts_every_pixel():
     assert_same(ours, reference_mean_iou(preds, labels, 4, None))
 
 
-def test_index_add_path_matches_bincount_path():
-    # The sync-free path used on accelerators (index_add_), forced on CPU, gives the same histogram.
+def test_index_add_path_matches_bincount_path(monkeypatch):
+    # The sync-free path used on accelerators (index_add_), run on the CPU tensors, gives the same histogram.
     rng = np.random.default_rng(10)
     preds, labels = random_maps(rng, label_high=25, pred_low=-2, pred_high=22)
     forced = MeanIoU()
-    forced._use_index_add = True
+    monkeypatch.setattr(forced, "_add_bincount", forced._add_index_add)
     for pred, label in zip(preds, labels, strict=True):
         forced.update(torch.as_tensor(pred), torch.as_tensor(label))
     np.testing.assert_array_equal(forced.joint_histogram(), streaming(preds, labels).joint_histogram())
@@ -214,12 +214,8 @@ def test_compute_without_updates_and_reset():
     assert np.isnan(metric.compute()["mean_iou"])
 
 
-def test_benchmark_metric_mode_runs_and_agrees(repo_root):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_script", repo_root / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+def test_benchmark_metric_mode_runs_and_agrees(load_script):
+    benchmark = load_script("benchmark")
     threads = torch.get_num_threads()
     try:
         report = benchmark.main(benchmark.get_args_parser().parse_args(

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): preemption, non-finite steps, loader failures, safe loading, checks before heavy work.
+"""Reliability: preemption, non-finite steps, loader failures, safe loading, checks before heavy work.
 
 Units: modeling/reliability.py against independent computations (a run that never saw the bad step, signals
 delivered to one process of two, real DataLoader workers that hang, die or get signalled), malicious pickles fed
@@ -11,7 +11,6 @@ bit-identical weights. Relaunches run the script's __main__ in a fork of the tes
 
 import ast
 import builtins
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -31,17 +30,11 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from data import checks
 from modeling import reliability
 from modeling.reliability import NonFiniteError, PreemptionFlag, StepGuard
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fork_server():
@@ -172,12 +165,26 @@ def test_consecutive_non_finite_steps_stop_with_the_documented_message(mixed_pre
     assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
 
 
-def test_the_nan_hook_and_gradient_accumulation(monkeypatch):
-    # HRNETFCN_INJECT_NAN_AT=k poisons the update of iteration k (1-based) and later ones; with 2 accumulation
-    # steps the guard acts on the synchronizing micro-batch only.
+def poison_gradients_from(monkeypatch, first_bad: int) -> None:
+    """The gradients of iteration `first_bad` (1-based: the update that would produce checkpoint iter_k) and of
+    every later one get a NaN, on the synchronizing micro-batch, just before the guard looks at them."""
+    check = StepGuard.before_optimizer_step
+
+    def poisoned(self, iteration):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.accelerator.sync_gradients and iteration + 1 >= first_bad and grads:
+            grads[0].view(-1)[0] = float("nan")
+        check(self, iteration)
+
+    monkeypatch.setattr(StepGuard, "before_optimizer_step", poisoned)
+
+
+def test_poisoned_gradients_and_gradient_accumulation(monkeypatch):
+    # NaN gradients from iteration 2 (1-based) on; with 2 accumulation steps the guard acts on the synchronizing
+    # micro-batch only.
     from accelerate import Accelerator
 
-    monkeypatch.setenv(reliability.INJECT_NAN_ENV, "2")
+    poison_gradients_from(monkeypatch, 2)
     reset_accelerate()
     accelerator = Accelerator(gradient_accumulation_steps=2)
     model = torch.nn.Linear(3, 1)
@@ -207,6 +214,20 @@ def test_check_finite_state_names_the_poisoned_tensors():
     model[1].running_var[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"iteration 5: .*1 tensors: 1\.running_var"):
         reliability.check_finite_state(model, 5)
+
+
+def test_the_private_torch_kernel_the_guard_relies_on():
+    # StepGuard calls torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, scale) with scale 1 (the
+    # GradScaler's own check): if a torch upgrade renames it or changes what it does, this fails first.
+    kernel = torch._amp_foreach_non_finite_check_and_unscale_
+    finite = [torch.tensor([1.0, -2.5]), torch.tensor([3.0])]
+    found = torch.zeros(1)
+    kernel(finite, found, torch.ones(1))
+    assert found.item() == 0.0 and torch.equal(finite[0], torch.tensor([1.0, -2.5]))  # scale 1: unchanged
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        kernel([torch.tensor([1.0]), torch.tensor([2.0, bad])], found, torch.ones(1))
+        assert found.item() == 1.0, bad
+        found.zero_()
 
 
 # --------------------------------------------------------------------------------------------------- data loading
@@ -239,12 +260,10 @@ def test_a_hanging_worker_is_a_clear_error_within_the_timeout(monkeypatch):
     # the DataLoader waits this long for a stuck worker before it terminates it (5 s by default)
     monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.5)
     start = time.monotonic()
-    try:
+    with pytest.raises(reliability.LoaderError, match="--loader_timeout") as error:
         iterate("hang")
-    except reliability.LoaderError as err:
-        message, elapsed = str(err), time.monotonic() - start
-    assert elapsed < 8 and message.startswith("training data: no batch from the DataLoader workers within 2 s")
-    assert "--loader_timeout" in message
+    assert time.monotonic() - start < 8
+    assert str(error.value).startswith("training data: no batch from the DataLoader workers within 2 s")
 
 
 def test_a_dead_worker_is_a_clear_error():
@@ -280,10 +299,10 @@ def test_the_payload_is_live_when_loaded_unsafely(tmp_path):
     assert (tmp_path / "marker").exists()
 
 
-def test_malicious_weights_files_are_refused_by_every_loader(tmp_path):
+def test_malicious_weights_files_are_refused_by_every_loader(tmp_path, load_script):
     from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
     from modeling.inference import load_model
-    from modeling.utils import read_weights_file
+    from modeling.weights import read_weights_file
 
     marker = tmp_path / "marker"
     evil = malicious(tmp_path / "evil.pth", marker)
@@ -384,7 +403,7 @@ def test_bad_files_are_found_before_training(small_root, tmp_path, fault):
     from data.cityscapes import discover
 
     root = shutil.copytree(small_root, tmp_path / "cs")
-    reliability.check_split_files(discover(root, "train"))  # the intact copy passes
+    checks.check_split_files(discover(root, "train"))  # the intact copy passes
     source = discover(root, "train")
     image, label = Path(source[2]["image"]), Path(source[2]["label"])
     if fault == "truncated image":
@@ -401,39 +420,42 @@ def test_bad_files_are_found_before_training(small_root, tmp_path, fault):
             shutil.copy(row["label"].replace("labelTrainIds", "labelIds"), row["label"])
         expected = "labelIds instead of labelTrainIds"
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
-        reliability.check_split_files(source)
+        checks.check_split_files(source)
 
 
 def test_crop_and_pretrained_checks():
-    reliability.check_crop_fits((1024, 2048), (512, 1024), (2048, 1024))  # the recipe
-    reliability.check_crop_fits((64, 128), (64, 128), (128, 64))  # the synthetic demo
+    from modeling.hrnet_fcn import check_pretrained_source
+
+    checks.check_crop_fits((1024, 2048), (512, 1024), (2048, 1024))  # the recipe
+    checks.check_crop_fits((64, 128), (64, 128), (128, 64))  # the synthetic demo
     with pytest.raises(ValueError, match=r"--crop_size 512 1024 is larger .* \(64x128 from 64x128\)"):
-        reliability.check_crop_fits((64, 128), (512, 1024), (128, 64))
-    reliability.check_pretrained_source("none")
-    reliability.check_pretrained_source("hrnet_w18.ms_in1k")  # known tag: nothing downloaded
+        checks.check_crop_fits((64, 128), (512, 1024), (128, 64))
+    check_pretrained_source("none")
+    check_pretrained_source("hrnet_w18.ms_in1k")  # known tag: nothing downloaded
     with pytest.raises(ValueError, match="'hrnet_w18.imagenet_typo'.*hrnet_w18.ms_in1k"):
-        reliability.check_pretrained_source("hrnet_w18.imagenet_typo")
+        check_pretrained_source("hrnet_w18.imagenet_typo")
     with pytest.raises(FileNotFoundError, match="no such weights file"):
-        reliability.check_pretrained_source("weights/missing.pth")
+        check_pretrained_source("weights/missing.pth")
 
 
 def test_a_checkpoint_with_another_number_of_classes_is_named(tmp_path):
     from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
+    from modeling.checkpointing import check_checkpoint_fits
 
     model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(weights, tmp_path / "same.safetensors")
-    reliability.check_checkpoint_fits(model, tmp_path / "same.safetensors")
+    check_checkpoint_fits(model, tmp_path / "same.safetensors")
     weights["decode_head.conv_seg.weight"] = torch.zeros(21, *weights["decode_head.conv_seg.weight"].shape[1:])
     weights["decode_head.conv_seg.bias"] = torch.zeros(21)
     save_file(weights, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="other.safetensors: a model with 21 classes, this run's model has 19"):
-        reliability.check_checkpoint_fits(model, tmp_path / "other.safetensors")
+        check_checkpoint_fits(model, tmp_path / "other.safetensors")
     del weights["decode_head.conv_seg.bias"]
     weights["decode_head.conv_seg.weight"] = weights["decode_head.conv_seg.weight"][:19]
     save_file(weights, tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="1 missing keys \\(decode_head.conv_seg.bias\\)"):
-        reliability.check_checkpoint_fits(model, tmp_path / "missing.safetensors")
+        check_checkpoint_fits(model, tmp_path / "missing.safetensors")
 
 
 def test_an_unreadable_accelerate_config_is_a_clear_error(tmp_path):
@@ -469,18 +491,8 @@ TINY = ["--dataset", "synthetic", "--pretrained_backbone", "none", "--crop_size"
 
 
 @pytest.fixture(scope="module")
-def train():
+def train(load_script):
     return load_script("train")
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(train, tmp_path_factory):
-    from data.prepare import prepare_cityscapes
-    from data.synthetic import generate_cityscapes
-
-    root = generate_cityscapes(tmp_path_factory.mktemp("synthetic") / "cs", **train.SYNTHETIC)
-    prepare_cityscapes(root, build_cache=True, progress=False)
-    return root
 
 
 def run_main(train, argv):
@@ -654,7 +666,7 @@ def test_a_nan_at_step_k_keeps_the_weights_of_step_k_minus_1_and_stops(train, sy
                                                                        monkeypatch):
     from safetensors.torch import load_file
 
-    monkeypatch.setenv(reliability.INJECT_NAN_ENV, "3")
+    poison_gradients_from(monkeypatch, 3)
     out = tmp_path / "nan"
     argv = [*TINY, "--data_root", str(synthetic_root), "--max_iters", "10", "--checkpoint_interval", "1",
             "--max_nonfinite_steps", "2", "--output_dir", str(out)]
@@ -672,7 +684,7 @@ def test_a_nan_at_step_k_keeps_the_weights_of_step_k_minus_1_and_stops(train, sy
 
     # The same command on doctored checkpoints (checksums re-signed, so they pass as intact): a 21-class head,
     # then a malicious pickle in place of the optimizer state. Both refused with one line, nothing executed.
-    monkeypatch.delenv(reliability.INJECT_NAN_ENV)
+    monkeypatch.undo()  # no more NaN
     skipped["decode_head.conv_seg.weight"] = torch.zeros(21, *skipped["decode_head.conv_seg.weight"].shape[1:])
     skipped["decode_head.conv_seg.bias"] = torch.zeros(21)
     save_file(skipped, out / "checkpoints" / "iter_0000003" / "model.safetensors")

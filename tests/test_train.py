@@ -7,7 +7,6 @@ results.json, 2 processes (gloo) == 1 process with the same global batch, and th
 `accelerate launch` learns far above chance.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -22,6 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modeling import checkpointing
+from modeling.training import (
+    ResumableSampler,
+    check_launch,
+    create_optimizer_and_scheduler,
+    train_batches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
@@ -43,22 +48,8 @@ def reset_accelerate():
 
 
 @pytest.fixture(scope="module")
-def train():
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(train, tmp_path_factory):
-    """One synthetic dataset (the script's own settings) shared by the in-process runs."""
-    from data.prepare import prepare_cityscapes
-    from data.synthetic import generate_cityscapes
-
-    root = generate_cityscapes(tmp_path_factory.mktemp("synthetic") / "cs", **train.SYNTHETIC)
-    prepare_cityscapes(root, build_cache=True)
-    return root
+def train(load_script):
+    return load_script("train")
 
 
 # One intra-op thread for the training runs (restored afterwards): with these tiny inputs one thread is nearly as
@@ -90,16 +81,16 @@ def parameters_only(weights: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- sampler
-def test_sampler_shards_one_seeded_permutation(train):
-    full = list(train.ShardedEpochSampler(10, seed=3))
+def test_sampler_shards_one_seeded_permutation():
+    full = list(ResumableSampler(range(10), seed=3))
     assert sorted(full) == list(range(10))
     shards = []
     for rank in range(3):
-        sampler = train.ShardedEpochSampler(10, num_replicas=3, rank=rank, seed=3)
+        sampler = ResumableSampler(range(10), num_replicas=3, rank=rank, seed=3)
         shards.append(list(sampler))
         assert len(sampler) == 3
     assert [shards[r][k] for k in range(3) for r in range(3)] == full[:9]  # the tail that can't be split is dropped
-    sampler = train.ShardedEpochSampler(10, seed=3)
+    sampler = ResumableSampler(range(10), seed=3)
     sampler.set_epoch(1)
     assert list(sampler) != full and sorted(sampler) == list(range(10))  # a new order each epoch
     sampler.set_epoch(0, start=4)
@@ -121,11 +112,11 @@ class CountingDataset(torch.utils.data.Dataset):
         return {"index": index, "epoch": self.epoch}
 
 
-def test_resumed_stream_replays_the_order_and_loads_no_skipped_sample(train):
+def test_resumed_stream_replays_the_order_and_loads_no_skipped_sample():
     def stream(first_batch, count):
         dataset = CountingDataset(7)
-        sampler = train.ShardedEpochSampler(7, seed=1)
-        batches = train.train_batches(dataset, sampler, 2, 0, first_batch=first_batch, pin_memory=False)
+        sampler = ResumableSampler(dataset, seed=1)
+        batches = train_batches(dataset, sampler, 2, 0, first_batch=first_batch, pin_memory=False)
         out = [(b["index"].tolist(), b["epoch"].tolist()) for b in (next(batches) for _ in range(count))]
         return out, dataset.fetched
 
@@ -136,9 +127,9 @@ def test_resumed_stream_replays_the_order_and_loads_no_skipped_sample(train):
     assert [epoch[0] for _, epoch in straight] == [0, 0, 0, 1, 1, 1, 2, 2]
 
 
-def test_two_processes_see_what_one_process_with_accumulation_sees(train):
-    one = train.ShardedEpochSampler(8, seed=5)
-    two = [train.ShardedEpochSampler(8, num_replicas=2, rank=r, seed=5) for r in range(2)]
+def test_two_processes_see_what_one_process_with_accumulation_sees():
+    one = ResumableSampler(range(8), seed=5)
+    two = [ResumableSampler(range(8), num_replicas=2, rank=r, seed=5) for r in range(2)]
     for epoch in range(3):
         for s in (one, *two):
             s.set_epoch(epoch)
@@ -147,8 +138,8 @@ def test_two_processes_see_what_one_process_with_accumulation_sees(train):
         assert list(one) == [i for pair in zip(*two, strict=True) for i in pair]
 
 
-def test_poly_schedule_is_the_recipe_curve(train):
-    optimizer, scheduler = train.create_optimizer_and_scheduler(torch.nn.Linear(2, 2), lr=0.01, max_iters=50)
+def test_poly_schedule_is_the_recipe_curve():
+    optimizer, scheduler = create_optimizer_and_scheduler(torch.nn.Linear(2, 2), lr=0.01, max_iters=50)
     for iteration in range(50):
         assert optimizer.param_groups[0]["lr"] == pytest.approx(recipe_lr(iteration, 50), rel=1e-12, abs=0)
         optimizer.step()
@@ -171,11 +162,11 @@ def test_bad_arguments_stop_with_one_line_naming_them(train, argv, message):
         train.check_args(args)
 
 
-def test_processes_that_do_not_form_one_job_are_refused(train, monkeypatch):
+def test_processes_that_do_not_form_one_job_are_refused(monkeypatch):
     # what torchrun on a machine without CUDA gives when ACCELERATE_USE_CPU=1 is missing
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="ACCELERATE_USE_CPU=1"):
-        train.check_launch(type("FakeAccelerator", (), {"num_processes": 1})())
+        check_launch(type("FakeAccelerator", (), {"num_processes": 1})())
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

@@ -1,42 +1,22 @@
-"""Model helpers for training scripts: SyncBN conversion, channels_last, strict state-dict checks."""
+"""Weight files (safetensors, or torch.save read with weights_only=True) and strict checks that they fit a model.
+
+Kept apart from modeling/hrnet_fcn.py so that checking a checkpoint does not import timm and transformers.
+"""
 
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
-# How many offending keys an error message lists before it says "and N more".
-_MAX_LISTED = 8
+from modeling.errors import first_line
 
-
-def convert_to_sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when training on several CUDA processes (RECIPE.md section 5), else unchanged.
-
-    Call it before `accelerator.prepare` (DDP must wrap the converted modules). SyncBatchNorm exists on CUDA only,
-    and with one process it would only add overhead, so every other case is a no-op. The state dict keys stay the
-    same, so checkpoints load either way.
-    """
-    if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_MAX_LISTED = 8  # offending keys an error message lists before it says "and N more"
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """Store conv weights NHWC (faster convolutions with cuDNN under AMP); feed inputs the same way."""
-    return model.to(memory_format=torch.channels_last)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type's name when the message is empty), for one-line errors."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def batch_to_device(batch: dict, device: torch.device) -> dict:
-    """A loader batch with its tensors on `device` (asynchronous from pinned memory), other values as they are."""
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+def is_weights_file(source) -> bool:
+    """The one rule that tells a weights file from a timm tag: a weights suffix, or an existing path."""
+    return Path(source).suffix in WEIGHT_FILE_SUFFIXES or Path(source).exists()
 
 
 def _listed(keys: list[str]) -> str:

@@ -1,0 +1,1 @@
+"""The modes of scripts/benchmark.py, one module each: `add_args(parser)` and `run(args) -> dict`."""

@@ -1,0 +1,242 @@
+"""benchmark.py throughput: images/s of the real training step under `accelerate launch`, with its data wait,
+peak memory, host syncs and collectives per step.
+"""
+
+import argparse
+import collections
+import functools
+import itertools
+import json
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from data import get_train_data
+from data.labels import IGNORE_INDEX, NUM_CLASSES
+from modeling import training
+from modeling.benchmarking import environment, peak_memory_gib
+from modeling.reliability import StepGuard
+
+# torch.distributed functions that DDP (buffer broadcast), SyncBN and torch's Python comm hooks call through the
+# module attribute: replacing the attribute sees every such call. Missing names (other torch versions) are skipped.
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "broadcast", "_broadcast_coalesced", "reduce", "all_to_all", "barrier")
+
+
+class CollectiveCounter:
+    """While entered (and enabled), counts calls of the torch.distributed collectives in COLLECTIVES, per name.
+
+    What it cannot see: DDP's built-in gradient all-reduce (C++; `count_gradient_buckets` reroutes it), and
+    collectives inside torch.compile'd graphs (throughput does not count under --compile, where the wrappers
+    would be traced into the graph).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.counts, self.originals = enabled, collections.Counter(), {}
+
+    def __enter__(self):
+        for name in COLLECTIVES if self.enabled else ():
+            if hasattr(dist, name):
+                self.originals[name] = getattr(dist, name)
+                setattr(dist, name, self.counting(name, self.originals[name]))
+        return self
+
+    def counting(self, name: str, function):
+        @functools.wraps(function)
+        def counted(*args, **kwargs):
+            self.counts[name] += 1  # a Python int: counting adds no device work and no synchronisation
+            return function(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc_info):
+        for name, function in self.originals.items():
+            setattr(dist, name, function)
+
+
+def count_gradient_buckets(model) -> None:
+    """Route DDP's gradient all-reduce through torch's own Python `allreduce_hook`, one dist.all_reduce per bucket.
+
+    The arithmetic is DDP's default (divide by the world size, all-reduce the bucket); the difference is a Python
+    call per bucket (microseconds). Must run before the first forward. No-op without DDP (one process).
+    """
+    ddp = getattr(model, "_orig_mod", model)
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        ddp.register_comm_hook(state=None, hook=allreduce_hook)
+
+
+def count_host_syncs(function) -> int:
+    """Calls function() once with CUDA's sync debug mode on; returns the number of synchronizing CUDA calls.
+
+    torch's own caveat: not every synchronizing operation is flagged (torch.distributed's are not).
+    """
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every occurrence, not once per source line
+            function()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def batch_source(args, accelerator):
+    """get_batch() -> (pixel_values, labels) on the device, as the training loop gets them.
+
+    --synthetic_input: one random batch made on the device once and returned every time (no data cost at all).
+    Otherwise training's own sampler and loader over data.get_train_data(pipeline=--pipeline), on_device
+    augmentation with a per-iteration seeded device generator, channels_last input when asked.
+    """
+    device, rank = accelerator.device, accelerator.process_index
+    if args.synthetic_input:
+        generator = torch.Generator(device=device).manual_seed(rank)
+        height, width = args.crop_size
+        pixel_values = torch.randn(args.batch_size, 3, height, width, generator=generator, device=device)
+        labels = torch.randint(0, NUM_CLASSES, (args.batch_size, height, width), generator=generator, device=device)
+        labels[:, :, : width // 8] = IGNORE_INDEX  # some ignored pixels, as in real labels
+        if args.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return lambda: (pixel_values, labels)
+
+    try:
+        dataset, on_device = get_train_data(args.data_root, pipeline=args.pipeline, crop_size=tuple(args.crop_size))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: --data_root: {error}") from None
+    sampler = training.create_sampler(dataset, accelerator, args.batch_size, seed=0, data_root=args.data_root)
+    batches = training.train_batches(dataset, sampler, args.batch_size, args.num_workers, first_batch=0,
+                            pin_memory=device.type == "cuda")
+    generator, iterations = torch.Generator(device=device), itertools.count()
+
+    def next_training_batch():
+        generator.manual_seed(training.augmentation_seed(0, rank, next(iterations)))
+        return training.next_batch(batches, on_device, device, generator, args.channels_last)
+
+    return next_training_batch
+
+
+def run(args) -> dict | None:
+    """images/s of the real training step under `accelerate launch`; the JSON on the main process (else None).
+
+    The model, optimizer, scheduler and step come from modeling/training.py, SyncBN/AMP/compile from Accelerate as in
+    training. The clock starts after --warmup iterations (device synchronised, processes aligned by a barrier) and
+    stops after --iters more (device synchronised): nothing in between waits for the device. Per process it
+    measures the time, the host time spent getting each batch (data wait) and the peak memory; the slowest process
+    gives the figures. Collectives are counted per step in the timed iterations (CollectiveCounter).
+    """
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise SystemExit("error: --iters and --batch_size must be >= 1 and --warmup >= 0")
+    if not args.synthetic_input and not args.data_root:
+        raise SystemExit("error: --data_root is required unless --synthetic_input is given")
+    accelerator = Accelerator(step_scheduler_with_optimizer=False,  # train.py steps the scheduler per iteration
+                              dynamo_backend="inductor" if args.compile else None)
+    training.check_launch(accelerator)
+    device, processes = accelerator.device, accelerator.num_processes
+    set_seed(0)
+    # as training builds it (the weights do not change the speed); --no_sync_batchnorm: the SyncBN cost is the
+    # difference with the default run
+    model = training.create_model("none", args.channels_last, accelerator, sync_batchnorm=not args.no_sync_batchnorm)
+    optimizer, scheduler = training.create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
+    sync_batchnorm = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    guard = StepGuard(accelerator, model, optimizer)  # training's non-finite check is part of the step
+    count = args.count_collectives and not args.compile
+    if count:
+        count_gradient_buckets(model)
+    get_batch = batch_source(args, accelerator)
+
+    def synchronize() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def step(pixel_values, labels) -> torch.Tensor:
+        """One iteration as train.py's loop runs it (gradient_accumulation_steps 1)."""
+        loss = training.training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
+        guard.after_iteration()
+        scheduler.step()
+        return loss
+
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    with CollectiveCounter(enabled=count) as counter:
+        for _ in range(args.warmup):  # allocator, cuDNN autotuning, torch.compile, DDP bucket rebuild
+            loss_sum += step(*get_batch())
+        accelerator.wait_for_everyone()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        counts_before, data_wait, start = counter.counts.copy(), 0.0, synchronize()
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            batch = get_batch()
+            data_wait += time.perf_counter() - t
+            loss_sum += step(*batch)
+        elapsed = synchronize() - start
+        per_step = {name: n / args.iters for name, n in (counter.counts - counts_before).items()}
+    host_syncs = None
+    if device.type == "cuda":  # after the clock: sync debug mode slows what it watches
+        data_syncs = count_host_syncs(get_batch)
+        step_syncs = count_host_syncs(lambda: step(*batch))
+        host_syncs = {"data": data_syncs, "step": step_syncs}
+
+    # the slowest process sets the pace of a synchronous data-parallel step
+    mine = torch.tensor([[elapsed, data_wait, peak_memory_gib(device), loss_sum.item()]], device=device,
+                        dtype=torch.float64)
+    gathered = accelerator.gather(mine)
+    elapsed, data_wait, peak_memory, _ = gathered.max(dim=0).values.tolist()
+    loss_mean = gathered[:, 3].mean().item() / (args.warmup + args.iters)  # a sanity figure: finite, about ln 19
+    global_batch, env = args.batch_size * processes, environment(accelerator)
+    results = {
+        "mode": "throughput",
+        "num_processes": processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": env["device"],
+        "input": "synthetic" if args.synthetic_input else args.pipeline,
+        "data_root": None if args.synthetic_input else str(args.data_root),
+        "batch_size": args.batch_size,
+        "global_batch": global_batch,
+        "crop_size": list(args.crop_size),
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "sync_batchnorm": sync_batchnorm,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "images_per_sec": global_batch * args.iters / elapsed,
+        "s_per_iter": elapsed / args.iters,
+        "data_wait_s": data_wait / args.iters,
+        "data_wait_pct": 100.0 * data_wait / elapsed,
+        "peak_memory_gib": peak_memory,
+        "peak_memory_kind": "cuda max allocated, timed iterations" if device.type == "cuda"
+        else "process max resident set, whole run (CPU)",
+        "collectives_per_step": sum(per_step.values()) if count else None,
+        "collectives_by_name": per_step if count else None,
+        "host_syncs_per_step": host_syncs,
+        "loss_mean": loss_mean,
+        "environment": env,
+    }
+    accelerator.print(json.dumps(results, indent=2))
+    training.end_processes(accelerator)
+    return results if accelerator.is_main_process else None
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_root", default=None, help="prepared Cityscapes root (scripts/prepare_cityscapes.py)")
+    parser.add_argument("--synthetic_input", action="store_true",
+                        help="random tensors made once on the device instead of data: the model's speed alone")
+    parser.add_argument("--pipeline", choices=("fast", "reference"), default="fast",
+                        help="training data path of data.get_train_data (fast: batched augmentation on the device)")
+    parser.add_argument("--num_workers", type=int, default=2, help="loader workers per process")
+    parser.add_argument("--batch_size", type=int, default=2, help="images per process (the reference: 2)")
+    parser.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
+    parser.add_argument("--no_sync_batchnorm", action="store_true",
+                        help="plain BN on each process even on several GPUs (measures what SyncBN costs)")
+    parser.add_argument("--no_count_collectives", dest="count_collectives", action="store_false",
+                        help="keep DDP's built-in C++ gradient all-reduce (collectives are then not reported)")
