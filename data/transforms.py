@@ -138,6 +138,11 @@ def photometric(image: np.ndarray, params: TrainParams) -> np.ndarray:
     return image
 
 
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxW uint8 -> size=(h, w), nearest neighbour as mmcv resizes labels."""
+    return cv2.resize(label, size[::-1], interpolation=cv2.INTER_NEAREST)
+
+
 def apply_params(image: np.ndarray, label: np.ndarray, params: TrainParams, crop_size=CROP_SIZE,
                  cat_max_ratio=CAT_MAX_RATIO) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference train pipeline on HxWx3 uint8 RGB + HxW uint8 trainIds.
@@ -146,7 +151,7 @@ def apply_params(image: np.ndarray, label: np.ndarray, params: TrainParams, crop
     """
     size = params.size[::-1]  # OpenCV takes (w, h)
     image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    label = resize_label(label, params.size)
     y, x = params.crop_offsets[select_crop(label, params.crop_offsets, crop_size, cat_max_ratio)]
     image = image[y:y + crop_size[0], x:x + crop_size[1]]
     label = label[y:y + crop_size[0], x:x + crop_size[1]]
