@@ -53,7 +53,6 @@ from data.transforms import (
     IMG_SCALE,
     RATIO_RANGE,
     SATURATION_RANGE,
-    TrainParams,
     normalize,
 )
 
@@ -257,22 +256,6 @@ class BatchParams:
     hue_on: torch.Tensor
     hue: torch.Tensor  # int64
 
-    @classmethod
-    def stack(cls, params: list[TrainParams], device="cpu") -> "BatchParams":
-        """The reference's per-sample parameters as a batch (to run both paths on the same draws)."""
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        def step(name, dtype, default):
-            values = [getattr(p, name) for p in params]
-            return (tensor([v is not None for v in values], torch.bool),
-                    tensor([default if v is None else v for v in values], dtype))
-
-        return cls(tensor([p.ratio for p in params], torch.float64), tensor([p.size for p in params], torch.int64),
-                   tensor(np.stack([p.crop_offsets for p in params]), torch.int64),
-                   tensor([p.flip for p in params], torch.bool), *step("brightness", torch.float32, 0.0),
-                   tensor([p.contrast_first for p in params], torch.bool), *step("contrast", torch.float32, 1.0),
-                   *step("saturation", torch.float32, 1.0), *step("hue", torch.int64, 0))
 
 
 def draw_batch_params(batch_size: int, height: int, width: int, generator: torch.Generator, crop_size=CROP_SIZE,

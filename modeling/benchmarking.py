@@ -16,6 +16,14 @@ from modeling.checkpointing import versions
 WARMUP_ITERS = 20
 
 
+def synchronize(device: torch.device) -> float:
+    """perf_counter() once the device has finished the work queued so far (reading the clock earlier times the
+    launch of CUDA kernels, not their run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Clock:
     """Wall time and steady-state time of this launch, on top of what earlier launches recorded in `state`
     (a modeling.training.TrainState)."""
@@ -27,9 +35,7 @@ class Clock:
         self.steady_images0, self.steady_s0 = state.steady_images, state.steady_s
 
     def sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return synchronize(self.device)
 
     def before_iteration(self, iteration: int) -> None:
         if iteration == self.warmup_until:

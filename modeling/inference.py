@@ -139,6 +139,14 @@ def predict(model, pixel_values: torch.Tensor, mode: str = "whole", output_size:
 def add_inference_args(parser) -> None:
     """The prediction options that scripts/eval.py and scripts/infer.py share (a parser or an argument group)."""
     parser.add_argument("--mode", choices=MODES, default="whole")
+    add_predict_args(parser)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: the accelerate launch config")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def add_predict_args(parser) -> None:
+    """The options of the slide and aug modes, read by predict_options."""
     parser.add_argument("--crop_size", type=positive_int, nargs=2, default=CROP_SIZE, metavar=("H", "W"),
                         help="slide")
     parser.add_argument("--stride", type=positive_int, nargs=2, default=STRIDE, metavar=("H", "W"),
@@ -147,9 +155,6 @@ def add_inference_args(parser) -> None:
     parser.add_argument("--base_size", type=positive_int, nargs=2, default=BASE_SIZE, metavar=("H", "W"),
                         help="aug: the size the ratios multiply (the reference: 1024 2048)")
     parser.add_argument("--no_flip", action="store_true", help="aug without the flipped passes")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="default: the accelerate launch config")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
 def predict_options(args) -> dict:

@@ -257,3 +257,62 @@ def test_report_over_throughput_runs(bench, launched, runs, tmp_path):
     assert table_line(section, "| fast |") == [
         "fast", fast["device"], "1", "fp32", "1", "False", "False", "fast", "BN", f"{fast['images_per_sec']:.2f}",
         f"{fast['s_per_iter']:.2f}", f"{fast['data_wait_pct']:.2f}", f"{fast['peak_memory_gib']:.2f}", "-", "0"]
+
+
+# ------------------------------------------------------------------------------------------------------ inference
+@pytest.fixture(scope="module")
+def inference_json(bench, tmp_path_factory):
+    """benchmark.py inference on the CPU at 64x128: whole and slide (two 64x64 crops), batch 1 and 2."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path_factory.mktemp("inference") / "inference.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = bench.main(bench.get_args_parser().parse_args([
+            "inference", "--cpu", "--mixed_precision", "no", "--input_size", "64", "128", "--modes", "whole", "slide",
+            "--batch_size", "2", "--warmup", "1", "--iters", "2", "--crop_size", "64", "64", "--stride", "64", "64",
+            "--out", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
+    return out, results
+
+
+def test_inference_rows(inference_json):
+    out, results = inference_json
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["mode"] == "inference" and results["device"].startswith("CPU") and results["input_size"] == [64, 128]
+    assert results["predict_options"]["crop_size"] == [64, 64] and results["iters"] == 2
+    rows = results["rows"]
+    assert [(r["mode"], r["batch_size"]) for r in rows] == [("whole", 1), ("whole", 2), ("slide", 1), ("slide", 2)]
+    for row in rows:
+        assert row["precision"] == "fp32" and row["channels_last"] is False and row["compile"] is False
+        assert row["images_per_sec"] > 0 and row["peak_memory_gib"] > 0
+        assert 0 < row["ms_per_image_p50"] <= row["ms_per_image_p90"]
+        # two timed calls: images/s and the mean time per image are the same measurement
+        assert row["images_per_sec"] == pytest.approx(1000.0 / row["ms_per_image_mean"])
+
+
+def test_report_lists_the_inference_rows(bench, inference_json, runs, tmp_path):
+    out, results = inference_json
+    report_results = report(bench, tmp_path / "report", out, runs[0])
+    assert [r["run"] for r in report_results["runs"]] == ["fp32_1gpu"]  # not a training run
+    assert len(report_results["inference_runs"]) == 4
+    section = (tmp_path / "report" / "report.md").read_text().split("## Inference runs")[1]
+    slide = results["rows"][3]
+    assert table_line(section, "| inference | CPU") == [
+        "inference", results["device"], "whole", "64", "128", "1", "fp32", "False", "False",
+        f"{results['rows'][0]['images_per_sec']:.2f}", *(f"{results['rows'][0][k]:.2f}" for k in (
+            "ms_per_image_mean", "ms_per_image_p50", "ms_per_image_p90", "peak_memory_gib"))]
+    assert f"| slide | 64 | 128 | 2 | fp32 | False | False | {slide['images_per_sec']:.2f} |" in section
+
+
+def test_inference_refuses_fp16_on_the_cpu_and_a_stride_beyond_the_crop(bench):
+    from accelerate.state import AcceleratorState
+
+    for argv, expected in ((["--mixed_precision", "fp16"], "fp16, which runs on GPUs only"),
+                           (["--crop_size", "32", "32", "--stride", "64", "32"], "--stride 64 32 is larger")):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(SystemExit, match=expected):
+            bench.main(bench.get_args_parser().parse_args(["inference", "--cpu", *argv]))

@@ -1,36 +1,25 @@
 """scripts/browse_augmentations.py: the grid PNG and the drawn parameters of both pipelines, on a synthetic set."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data.cityscapes import discover, read_pair
 from data.labels import IGNORE_INDEX
 from data.transforms import CROP_TRIES, RATIO_RANGE, rescale_size, resize_label
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "browse_augmentations.py"
 CROP = (64, 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def browse():
-    spec = importlib.util.spec_from_file_location("browse_augmentations_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def browse(load_script):
+    return load_script("browse_augmentations")
 
 
 def parse(browse, *argv):

@@ -1,14 +1,12 @@
 """The official Cityscapes metrics (modeling.cityscapes_metrics) against cityscapesscripts on the same files, and
 through scripts/eval.py (JSON, Markdown table, confusion-matrix heatmap)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID
@@ -20,30 +18,14 @@ from modeling.metrics import MeanIoU
 PREDICTABLE_IDS = np.array([i for i in range(34) if i not in (29, 30)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cityscapes(tmp_path_factory):
+def cityscapes(make_val_set, tmp_path_factory):
     """5 synthetic val images of 96x192 with labelTrainIds prepared, and a saved random model."""
-    from data.prepare import prepare_cityscapes
-    from data.synthetic import generate_cityscapes
-    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
-
-    base = tmp_path_factory.mktemp("cs_metrics")
-    root = generate_cityscapes(base / "cs", num_train=1, num_val=5, num_test=0, height=96, width=192, seed=5)
-    prepare_cityscapes(root, progress=False)
-    torch.manual_seed(0)
-    model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
-    with torch.no_grad():  # a random head predicts one class; larger weights make the maps varied
-        model.decode_head.conv_seg.weight.normal_(0, 1.0)
-    model.save_pretrained(base / "ckpt")
-    return root, base / "ckpt"
+    return make_val_set(tmp_path_factory.mktemp("cs_metrics"), num_train=1, num_val=5, num_test=0, height=96,
+                        width=192, seed=5)
 
 
 def noisy_predictions(root: Path, out_dir: Path, seed: int = 0) -> list[Path]:
@@ -212,21 +194,8 @@ def test_val_data_reads_16_bit_instance_ids_from_pngs_and_from_the_cache(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- through eval.py
-def _load_eval_script():
-    spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).resolve().parents[1] / "scripts" /
-                                                  "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_eval(*argv) -> dict:
-    eval_script = _load_eval_script()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return eval_script.main(eval_script.get_args_parser().parse_args([*argv, "--cpu", "--num_workers", "0"]))
-
-
-def test_eval_reports_the_official_metrics_and_the_confusion_matrix(cityscapes, tmp_path, capsys, monkeypatch):
+def test_eval_reports_the_official_metrics_and_the_confusion_matrix(cityscapes, tmp_path, capsys, monkeypatch,
+                                                                     run_eval):
     root, ckpt = cityscapes
     results = run_eval("--checkpoint", str(ckpt), "--data_root", str(root), "--output_json", str(tmp_path / "r.json"),
                        "--confusion_matrix", str(tmp_path / "cm.png"))

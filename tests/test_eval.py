@@ -21,14 +21,7 @@ from modeling.inference import evaluate_segmentation, predict, rescale_size, sli
 NUM_LABELS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread while this module runs (restored after): on a shared 2-core machine, two OpenMP threads
-    wait on each other at every barrier and a 64x128 forward pass takes seconds instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinySegmenter(nn.Module):
@@ -232,33 +225,10 @@ def test_two_processes_uneven_shards_give_identical_figures(tmp_path):
 # ------------------------------------------------------------------------- scripts/eval.py, scripts/infer.py
 # (Scripts and data are imported here, not at the top: the 2-process workers import this file; imports are slow.)
 @pytest.fixture(scope="module")
-def run_eval(load_script):
-    """run_eval(*argv) -> scripts/eval.py main's results, on the CPU, in this process."""
-    eval_script = load_script("eval")
-
-    def run(*argv):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return eval_script.main(eval_script.get_args_parser().parse_args([*argv, "--cpu", "--num_workers", "0"]))
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def cityscapes(tmp_path_factory):
+def cityscapes(make_val_set, tmp_path_factory):
     """3 val + 1 test synthetic images of 64x128, labelTrainIds prepared, and a saved model with varied output."""
-    from data.prepare import prepare_cityscapes
-    from data.synthetic import generate_cityscapes
-    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
-
-    base = tmp_path_factory.mktemp("eval")
-    root = generate_cityscapes(base / "cs", num_train=1, num_val=3, num_test=1, height=64, width=128, seed=3)
-    prepare_cityscapes(root, progress=False)
-    torch.manual_seed(0)
-    model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
-    with torch.no_grad():  # a random head predicts one class; larger weights make the maps varied
-        model.decode_head.conv_seg.weight.normal_(0, 1.0)
-    model.save_pretrained(base / "ckpt")
-    return root, base / "ckpt"
+    return make_val_set(tmp_path_factory.mktemp("eval"), num_train=1, num_val=3, num_test=1, height=64, width=128,
+                        seed=3)
 
 
 def test_eval_checkpoint_matches_direct_evaluation_and_outputs(run_eval, cityscapes, tmp_path, capsys):

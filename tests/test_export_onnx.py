@@ -1,6 +1,5 @@
 """scripts/export_onnx.py: static and dynamic export of a saved model, checked with onnxruntime; bad inputs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,20 +17,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export_onnx.py"
 SIZE = (64, 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def export_onnx():
-    spec = importlib.util.spec_from_file_location("export_onnx_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def export_onnx(load_script):
+    return load_script("export_onnx")
 
 
 @pytest.fixture(scope="module")

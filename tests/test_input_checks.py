@@ -4,7 +4,6 @@ argument, a non-zero exit, nothing written, no traceback (issue 15's data- and i
 Everything runs on a synthetic Cityscapes of 64x128 images and a randomly initialized model.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,13 +28,6 @@ STEM = "aachen_000000_000019"  # the first train image of the synthetic dataset
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def error_of(call) -> str:
     """The SystemExit message of call(): one line starting with 'error:'."""
     with pytest.raises(SystemExit) as info:
@@ -56,12 +48,7 @@ def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +82,11 @@ def prepared(raw_root, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------- scripts/prepare_cityscapes.py
-def run_prepare(root: Path, *argv) -> dict:
+@pytest.fixture
+def run_prepare(load_script):
+    """run_prepare(root, *argv) -> scripts/prepare_cityscapes.py's results, in this process."""
     script = load_script("prepare_cityscapes")
-    return script.main(script.get_args_parser().parse_args(["--data_root", str(root), *argv]))
+    return lambda root, *argv: script.main(script.get_args_parser().parse_args(["--data_root", str(root), *argv]))
 
 
 def polygons_json(root: Path) -> Path:
@@ -114,7 +103,7 @@ def edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(annotation))  # NaN / Infinity are written as the JSON extensions Python reads back
 
 
-def test_prepare_refuses_a_json_whose_size_is_not_its_images(raw_copy):
+def test_prepare_refuses_a_json_whose_size_is_not_its_images(raw_copy, run_prepare):
     path = polygons_json(raw_copy)
     edit_json(path, lambda a: a.update(imgWidth=1_000_000, imgHeight=1_000_000))
     message = error_of(lambda: run_prepare(raw_copy))
@@ -128,7 +117,7 @@ def test_prepare_refuses_a_json_whose_size_is_not_its_images(raw_copy):
     assert "imgWidth/imgHeight 128/1000000: expected positive integers" in error_of(lambda: run_prepare(raw_copy))
 
 
-def test_prepare_cuts_a_non_utf8_json_to_one_line(raw_copy):
+def test_prepare_cuts_a_non_utf8_json_to_one_line(raw_copy, run_prepare):
     path = polygons_json(raw_copy)
     path.write_bytes(b"\xff\xfe" + bytes(range(256)) * 16)  # 4 kB of binary
     message = error_of(lambda: run_prepare(raw_copy))
@@ -140,7 +129,7 @@ def test_prepare_cuts_a_non_utf8_json_to_one_line(raw_copy):
 @pytest.mark.parametrize("point, shown", [([1e300, 5], "[1e+300, 5]"), ([float("nan"), 5], "[nan, 5]"),
                                           ([5, float("inf")], "[5, inf]"), ([-1281, 5], "[-1281, 5]"),
                                           (["a", 5], "['a', 5]"), ([5], "[5]")])
-def test_prepare_refuses_absurd_polygon_points(raw_copy, point, shown):
+def test_prepare_refuses_absurd_polygon_points(raw_copy, point, shown, run_prepare):
     path = polygons_json(raw_copy)
     edit_json(path, lambda a: a["objects"][1]["polygon"].append(point))
     message = error_of(lambda: run_prepare(raw_copy))
@@ -150,7 +139,7 @@ def test_prepare_refuses_absurd_polygon_points(raw_copy, point, shown):
     assert not train_ids_of(raw_copy).exists()
 
 
-def test_prepare_names_an_unknown_label(raw_copy, capsys):
+def test_prepare_names_an_unknown_label(raw_copy, capsys, run_prepare):
     path = polygons_json(raw_copy)
     edit_json(path, lambda a: a["objects"][0].update(label="spaceship"))
     assert f"{path}: cannot render polygons (object 0: unknown label 'spaceship')" in \
@@ -158,14 +147,14 @@ def test_prepare_names_an_unknown_label(raw_copy, capsys):
     assert "ERROR" not in capsys.readouterr().out  # cityscapesscripts' own print + sys.exit never ran
 
 
-def test_prepare_says_a_directory_stands_where_a_label_goes(raw_copy):
+def test_prepare_says_a_directory_stands_where_a_label_goes(raw_copy, run_prepare):
     train_ids_of(raw_copy).mkdir()
     message = error_of(lambda: run_prepare(raw_copy))
     assert message == (f"error: {train_ids_of(raw_copy)}: a directory (or other non-file) where the labelTrainIds PNG "
                        "file should be; remove or rename it, then rerun prepare")
 
 
-def test_prepare_refuses_a_labelids_bomb_and_a_size_mismatch(raw_copy, monkeypatch):
+def test_prepare_refuses_a_labelids_bomb_and_a_size_mismatch(raw_copy, monkeypatch, run_prepare):
     polygons_json(raw_copy).unlink()  # the labelIds PNG becomes the source
     label_ids = polygons_json(raw_copy).with_name(f"{STEM}_gtFine_labelIds.png")
     bomb_png(label_ids)
@@ -180,7 +169,7 @@ def test_prepare_refuses_a_labelids_bomb_and_a_size_mismatch(raw_copy, monkeypat
     assert not train_ids_of(raw_copy).exists()
 
 
-def test_prepare_checks_the_values_of_every_label_it_writes(raw_copy, monkeypatch):
+def test_prepare_checks_the_values_of_every_label_it_writes(raw_copy, monkeypatch, run_prepare):
     import data.prepare
 
     monkeypatch.setattr(data.prepare, "train_id_image", lambda source: Image.new("L", (128, 64), 200))
@@ -198,14 +187,20 @@ def test_prepare_cli_gives_one_line_and_no_traceback(raw_copy):
 
 
 # ------------------------------------------------------------------------------------------------- scripts/infer.py
-def run_infer(ckpt: Path, out_dir: Path, *argv) -> dict:
-    AcceleratorState._reset_state(reset_partial_state=True)
+@pytest.fixture
+def run_infer(load_script):
+    """run_infer(ckpt, out_dir, *argv) -> scripts/infer.py's results on the CPU, in this process."""
     script = load_script("infer")
-    return script.main(script.get_args_parser().parse_args([*argv, "--checkpoint", str(ckpt), "--out_dir",
-                                                            str(out_dir), "--cpu"]))
+
+    def run(ckpt: Path, out_dir: Path, *argv) -> dict:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return script.main(script.get_args_parser().parse_args([*argv, "--checkpoint", str(ckpt), "--out_dir",
+                                                                str(out_dir), "--cpu"]))
+
+    return run
 
 
-def test_infer_reads_16_bit_gray_and_other_modes_as_their_8_bit_rgb(prepared, tmp_path):
+def test_infer_reads_16_bit_gray_and_other_modes_as_their_8_bit_rgb(prepared, tmp_path, run_infer):
     root, ckpt = prepared
     photo = Image.open(next((root / "leftImg8bit" / "val").rglob("*.png")))
     gray = np.array(photo.convert("L"))
@@ -243,7 +238,7 @@ def test_infer_refuses_a_float_image(prepared, tmp_path):
         read_photo(path)
 
 
-def test_infer_refuses_a_decompression_bomb_before_any_work(prepared, tmp_path, monkeypatch):
+def test_infer_refuses_a_decompression_bomb_before_any_work(prepared, tmp_path, monkeypatch, run_infer):
     root, ckpt = prepared
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -269,7 +264,7 @@ def test_infer_cli_bomb_one_line_no_traceback(prepared, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_infer_refuses_fp16_on_the_cpu_and_a_stride_beyond_the_crop(prepared, tmp_path):
+def test_infer_refuses_fp16_on_the_cpu_and_a_stride_beyond_the_crop(prepared, tmp_path, run_infer):
     root, ckpt = prepared
     image = str(next((root / "leftImg8bit" / "val").rglob("*.png")))
     message = error_of(lambda: run_infer(ckpt, tmp_path / "out", image, "--mixed_precision", "fp16"))
@@ -292,7 +287,7 @@ def test_infer_refuses_fp16_on_the_cpu_and_a_stride_beyond_the_crop(prepared, tm
     ("eval", ["--crop_size", "0", "0"], "argument --crop_size: expected a positive integer, got 0"),
     ("eval", ["--batch_size", "two"], "argument --batch_size: expected a positive integer, got 'two'"),
 ])
-def test_numeric_arguments_are_checked_by_the_parser(script, argv, expected, capsys):
+def test_numeric_arguments_are_checked_by_the_parser(script, argv, expected, capsys, load_script):
     required = ["x.png", "--checkpoint", "c", "--out_dir", "o"] if script == "infer" else ["--data_root", "d"]
     with pytest.raises(SystemExit) as info:
         load_script(script).get_args_parser().parse_args([*required, *argv])
@@ -301,35 +296,32 @@ def test_numeric_arguments_are_checked_by_the_parser(script, argv, expected, cap
 
 
 # -------------------------------------------------------------------------------------------------- scripts/eval.py
-def run_eval(*argv) -> dict:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    script = load_script("eval")
-    return script.main(script.get_args_parser().parse_args([*argv, "--cpu", "--num_workers", "0"]))
+@pytest.fixture
+def eval_script(load_script):
+    return load_script("eval")
 
 
-def test_eval_checks_every_val_file_before_any_model_work(prepared, tmp_path, monkeypatch):
-    import modeling.inference
-
+def test_eval_checks_every_val_file_before_any_model_work(prepared, tmp_path, monkeypatch, run_eval, eval_script):
     root, ckpt = prepared
     copy = tmp_path / "cs"
     shutil.copytree(root, copy)
     last = sorted((copy / "gtFine" / "val").rglob("*_labelTrainIds.png"))[-1]
     last.write_bytes(last.read_bytes()[:-20])  # truncated
-    monkeypatch.setattr(modeling.inference, "load_model", lambda *a: pytest.fail("model work before the checks"))
+    monkeypatch.setattr(eval_script, "load_model", lambda *a: pytest.fail("model work before the checks"))
     message = error_of(lambda: run_eval("--checkpoint", str(ckpt), "--data_root", str(copy), "--output_json",
                                         str(tmp_path / "r.json")))
     assert message.startswith(f"error: {last}: truncated PNG")
     assert not (tmp_path / "r.json").exists()
 
 
-def test_eval_refuses_fp16_on_the_cpu(prepared):
+def test_eval_refuses_fp16_on_the_cpu(prepared, run_eval):
     root, ckpt = prepared
     message = error_of(lambda: run_eval("--checkpoint", str(ckpt), "--data_root", str(root), "--mixed_precision",
                                         "fp16"))
     assert message.startswith("error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only")
 
 
-def test_eval_refuses_a_decompression_bomb_prediction(prepared, tmp_path, monkeypatch):
+def test_eval_refuses_a_decompression_bomb_prediction(prepared, tmp_path, monkeypatch, run_eval):
     root, _ = prepared
     preds = tmp_path / "preds"
     preds.mkdir()

@@ -34,6 +34,23 @@ from data.transforms import (
 from data.transforms import convert as reference_convert
 
 
+def stack_params(params: list[TrainParams], device="cpu") -> BatchParams:
+    """The reference's per-sample parameters as a batch, to run the fast path on the same draws."""
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    def step(name, dtype, default):
+        values = [getattr(p, name) for p in params]
+        return (tensor([v is not None for v in values], torch.bool),
+                tensor([default if v is None else v for v in values], dtype))
+
+    return BatchParams(tensor([p.ratio for p in params], torch.float64), tensor([p.size for p in params], torch.int64),
+                       tensor(np.stack([p.crop_offsets for p in params]), torch.int64),
+                       tensor([p.flip for p in params], torch.bool), *step("brightness", torch.float32, 0.0),
+                       tensor([p.contrast_first for p in params], torch.bool), *step("contrast", torch.float32, 1.0),
+                       *step("saturation", torch.float32, 1.0), *step("hue", torch.int64, 0))
+
+
 def pattern(height, width, channels=3):
     """A deterministic uint8 test image (no RNG, so the literals never depend on a numpy version)."""
     y, x, c = np.meshgrid(np.arange(height), np.arange(width), np.arange(channels), indexing="ij")
@@ -230,7 +247,7 @@ def test_fast_path_equals_reference_for_same_params():
         cases = [random_case(rng, crop=crop, scale=scale) for _ in range(4)]
         images = torch.from_numpy(np.stack([c[0] for c in cases]))
         labels = torch.from_numpy(np.stack([c[1] for c in cases]))
-        params = BatchParams.stack([c[2] for c in cases])
+        params = stack_params([c[2] for c in cases])
         pixels, out_labels = apply_batch_params(images, labels, params, crop)
         for k, (image, label, p) in enumerate(cases):
             ref_pixels, ref_labels = apply_params(image, label, p, crop)
@@ -258,7 +275,7 @@ def test_crop_selection_matches_reference_and_rates_agree():
     params = [draw_params(rng, 40, 80, crop, scale) for _ in range(n)]
     ref = np.array([select_crop(cv2.resize(label, p.size[::-1], interpolation=cv2.INTER_NEAREST), p.crop_offsets,
                                 crop) for p in params])
-    fast = select_crops(torch.from_numpy(np.broadcast_to(label, (n, 40, 80)).copy()), BatchParams.stack(params),
+    fast = select_crops(torch.from_numpy(np.broadcast_to(label, (n, 40, 80)).copy()), stack_params(params),
                         crop).numpy()
     np.testing.assert_array_equal(fast, ref)
     generator = torch.Generator().manual_seed(0)
@@ -323,12 +340,12 @@ def test_photometric_order_matters_and_is_followed():
     assert not np.array_equal(out_first, out_last)
     batch = torch.from_numpy(np.stack([image, image])).permute(0, 3, 1, 2).float()
     for masked in (False, True):  # the CPU's per-subset way and the accelerators' masked way
-        out = photometric_batch(batch, BatchParams.stack([first, last]), masked=masked).permute(0, 2, 3, 1)
+        out = photometric_batch(batch, stack_params([first, last]), masked=masked).permute(0, 2, 3, 1)
         assert np.array_equal(out[0].numpy(), out_first) and np.array_equal(out[1].numpy(), out_last)
 
 
 def test_masked_photometric_equals_per_subset():
     rng = np.random.default_rng(4)
-    params = BatchParams.stack([draw_params(rng, 8, 32, (8, 32), (32, 8)) for _ in range(12)])
+    params = stack_params([draw_params(rng, 8, 32, (8, 32), (32, 8)) for _ in range(12)])
     images = torch.from_numpy(rng.integers(0, 256, (12, 3, 8, 32))).float()
     assert torch.equal(photometric_batch(images, params, masked=True), photometric_batch(images, params, masked=False))

@@ -1,5 +1,5 @@
-"""benchmark.py report: the seed table (ours beside the reference), all runs, throughput runs, and the plots,
-from train.py's results.json files and throughput JSONs."""
+"""benchmark.py report: the seed table (ours beside the reference), all runs, throughput runs, inference runs and
+the plots, from train.py's results.json files and throughput and inference JSONs."""
 
 import argparse
 import json
@@ -33,7 +33,7 @@ THROUGHPUT_FIELDS = ("batch_size", "channels_last", "compile", "input", "s_per_i
                      "peak_memory_gib", "host_syncs_per_step", "collectives_per_step")
 
 def load_run(path) -> dict:
-    """{"name", "path", "data"} of RUN_DIR/results.json, a results.json, or a throughput JSON."""
+    """{"name", "path", "data"} of RUN_DIR/results.json, a results.json, or a throughput or inference JSON."""
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
@@ -43,9 +43,9 @@ def load_run(path) -> dict:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {file}: not readable as JSON ({error})") from None
-    if not isinstance(data, dict) or not {"num_processes", "images_per_sec", "eval_log"} & data.keys():
-        raise SystemExit(f"error: {file}: neither scripts/train.py's results.json nor a throughput JSON "
-                         "(none of num_processes, images_per_sec, eval_log)")
+    if not isinstance(data, dict) or not {"num_processes", "images_per_sec", "eval_log", "rows"} & data.keys():
+        raise SystemExit(f"error: {file}: neither scripts/train.py's results.json nor a throughput or inference "
+                         "JSON (none of num_processes, images_per_sec, eval_log, rows)")
     name = file.parent.name if file.name == "results.json" else file.stem
     return {"name": name, "path": str(file), "data": data}
 
@@ -169,7 +169,19 @@ def throughput_markdown(rows: list) -> str:
          for r in measured for t in [r["throughput"]]])
 
 
-def report_markdown(table: list, rows: list, plots: dict) -> str:
+def inference_markdown(runs: list) -> str:
+    """The rows of the inference runs (benchmark.py inference JSONs), one line per configuration."""
+    lines = [[run["name"], data["device"], row["mode"], data["input_size"][0], data["input_size"][1],
+              row["batch_size"], row["precision"], row["channels_last"], row["compile"], row["images_per_sec"],
+              row["ms_per_image_mean"], row["ms_per_image_p50"], row["ms_per_image_p90"], row["peak_memory_gib"]]
+             for run in runs for data in [run["data"]] for row in data["rows"]]
+    if not lines:
+        return "No inference JSON among the inputs."
+    return markdown_table(["run", "device", "mode", "H", "W", "batch", "precision", "channels_last", "compile",
+                           "images/s", "ms/image mean", "ms/image p50", "ms/image p90", "peak memory (GiB)"], lines)
+
+
+def report_markdown(table: list, rows: list, plots: dict, inference: list) -> str:
     fields = ("time_to_train_s", "images_per_sec", "miou_pct", "speedup")
     seed = markdown_table(
         ["GPU count", "precision", "run", "Time2train (s)", "images/s", "mIoU (%)", "speedup",
@@ -206,6 +218,12 @@ s/iter and data wait: the slowest process's; data wait: host time spent getting 
 time; peak memory: CUDA max allocated on a GPU, the process's max resident set on the CPU; host syncs: counted once
 after the clock with CUDA's sync debug mode (none on the CPU); collectives: torch.distributed calls per step.
 
+## Inference runs
+
+{inference_markdown(inference)}
+
+ms/image: the time of one synchronised predict call (argmax included) divided by its batch size.
+
 ## Plots
 
 {figures}
@@ -236,11 +254,14 @@ def plot_report(runs: list, rows: list, reference: list, out_dir: Path) -> dict:
 
 
 def run(args) -> dict:
-    """The seed table (Markdown + JSON) and plots from train.py results.json files and throughput JSONs."""
+    """The seed table (Markdown + JSON) and plots from train.py results.json files and throughput JSONs; the rows
+    of inference JSONs in their own table."""
     if args.target_miou is not None and not 0.0 <= args.target_miou <= 1.0:
         raise SystemExit(f"error: --target_miou is a fraction in [0, 1] like train.py's (78.11% -> 0.7811), "
                          f"got {args.target_miou}")
-    runs = [load_run(path) for path in args.runs]
+    loaded = [load_run(path) for path in args.runs]
+    inference = [run for run in loaded if run["data"].get("mode") == "inference"]
+    runs = [run for run in loaded if run["data"].get("mode") != "inference"]
     rows = [run_row(run, args.target_miou) for run in runs]
     add_speedups(rows)
     reference = reference_rows()
@@ -248,8 +269,10 @@ def run(args) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_report(runs, rows, reference, out_dir)
-    (out_dir / "report.md").write_text(report_markdown(table, rows, plots))
+    (out_dir / "report.md").write_text(report_markdown(table, rows, plots, inference))
     results = {"mode": "report", "target_miou": args.target_miou, "seed_table": table, "runs": rows,
+               "inference_runs": [{"run": run["name"], "path": run["path"], **row} for run in inference
+                                  for row in run["data"]["rows"]],
                "reference": reference, "markdown": str(out_dir / "report.md"), "plots": plots}
     (out_dir / "report.json").write_text(json.dumps(results, indent=2))
     print((out_dir / "report.md").read_text())
@@ -258,7 +281,8 @@ def run(args) -> dict:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="train.py output directories (holding results.json), or results/throughput JSON files")
+                        help="train.py output directories (holding results.json), or results, throughput or "
+                        "inference JSON files")
     parser.add_argument("--out_dir", default="out/benchmark_report", help="report.md, report.json and the plots")
     parser.add_argument("--target_miou", type=float, default=None,
                         help="Time2train's mIoU as a fraction (default: each run's own --target_miou, else 0.7811)")

@@ -19,7 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from data import get_train_data
 from data.labels import IGNORE_INDEX, NUM_CLASSES
 from modeling import training
-from modeling.benchmarking import environment, peak_memory_gib
+from modeling.benchmarking import environment, peak_memory_gib, synchronize
 from modeling.reliability import StepGuard
 
 # torch.distributed functions that DDP (buffer broadcast), SyncBN and torch's Python comm hooks call through the
@@ -149,11 +149,6 @@ def run(args) -> dict | None:
         count_gradient_buckets(model)
     get_batch = batch_source(args, accelerator)
 
-    def synchronize() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
     def step(pixel_values, labels) -> torch.Tensor:
         """One iteration as train.py's loop runs it (gradient_accumulation_steps 1)."""
         loss = training.training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
@@ -169,13 +164,13 @@ def run(args) -> dict | None:
         accelerator.wait_for_everyone()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        counts_before, data_wait, start = counter.counts.copy(), 0.0, synchronize()
+        counts_before, data_wait, start = counter.counts.copy(), 0.0, synchronize(device)
         for _ in range(args.iters):
             t = time.perf_counter()
             batch = get_batch()
             data_wait += time.perf_counter() - t
             loss_sum += step(*batch)
-        elapsed = synchronize() - start
+        elapsed = synchronize(device) - start
         per_step = {name: n / args.iters for name, n in (counter.counts - counts_before).items()}
     host_syncs = None
     if device.type == "cuda":  # after the clock: sync debug mode slows what it watches
