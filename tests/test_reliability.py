@@ -325,6 +325,7 @@ def resign(checkpoint: Path, name: str) -> None:
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["files"][name] = {"sha256": checkpointing._sha256_and_fsync(checkpoint / name),
                                "bytes": (checkpoint / name).stat().st_size}
+    manifest["manifest_sha256"] = checkpointing.manifest_checksum(manifest)  # the manifest's own checksum too
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
