@@ -4,10 +4,12 @@ A truncated PNG would otherwise surface hours into a run, inside a loader worker
 """
 
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data.cityscapes import read_pair
+from data.image_checks import MAX_PIXELS
 from data.transforms import rescale_size
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -16,32 +18,53 @@ _PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk type and CRC: the last 8 byte
 
 def png_problem(path: str) -> str | None:
     """Why a file is not a complete PNG (None if it looks complete): reads 8 bytes at each end."""
+    return png_header(path)[0]
+
+
+def png_header(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(why the file is not a complete PNG or None, the (width, height) its IHDR declares): 24 bytes at the start,
+    8 at the end. A size of 0 or beyond MAX_PIXELS (a decompression bomb) is a problem too."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(24)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(size - 8, 0))
             tail = f.read(8)
     except OSError as err:
-        return f"unreadable ({err.strerror})"
+        return f"unreadable ({err.strerror})", None
     if size == 0:
-        return "empty file (0 bytes)"
-    if head != _PNG_SIGNATURE:
-        return "not a PNG (bad signature)"
+        return "empty file (0 bytes)", None
+    if head[:8] != _PNG_SIGNATURE:
+        return "not a PNG (bad signature)", None
     if tail != _PNG_TRAILER:
-        return f"truncated PNG (no IEND trailer; {size} bytes)"
-    return None
+        return f"truncated PNG (no IEND trailer; {size} bytes)", None
+    if head[12:16] != b"IHDR":
+        return "PNG without an IHDR header", None
+    width, height = struct.unpack(">II", head[16:24])
+    if width == 0 or height == 0 or width * height > MAX_PIXELS:
+        return (f"the PNG declares {width}x{height} pixels (0, or beyond the {MAX_PIXELS / 1e6:.0f} M-pixel limit: "
+                "a decompression bomb?)"), None
+    return None, (width, height)
 
 
 def check_split_files(source, decode: int = 2, threads: int = 16) -> None:
-    """Every image and label of a split (a source from data.cityscapes.discover) is a complete PNG; the first
-    `decode` pairs decode and hold trainIds. Raises ValueError naming the first bad file. Cheap: two 8-byte reads
-    per file (threads hide network-filesystem latency); the full decode of every file happens when it is read."""
-    paths = [p for column in ("image", "label") for p in source[column] if isinstance(p, str | Path)]
+    """Every image and label of a split (a source from data.cityscapes.discover) is a complete PNG of a sane size,
+    each label the size of its image; the first `decode` pairs decode and hold trainIds. Raises ValueError naming
+    the first bad file. Cheap: a 24-byte and an 8-byte read per file (threads hide network-filesystem latency); the
+    full decode of every file happens when it is read."""
+    pairs = [(image, label) for image, label in zip(source["image"], source["label"], strict=True)
+             if isinstance(image, str | Path) and isinstance(label, str | Path)]
+    paths = [path for pair in pairs for path in pair]
     with ThreadPoolExecutor(threads) as pool:
-        for path, problem in zip(paths, pool.map(png_problem, paths), strict=True):
-            if problem is not None:
-                raise ValueError(f"{path}: {problem}; expected a complete PNG (re-extract or re-download it)")
+        headers = dict(zip(paths, pool.map(png_header, paths), strict=True))
+    for path in paths:
+        if (problem := headers[path][0]) is not None:
+            raise ValueError(f"{path}: {problem}; expected a complete PNG (re-extract or re-download it)")
+    for image, label in pairs:
+        if headers[image][1] != headers[label][1]:
+            (iw, ih), (lw, lh) = headers[image][1], headers[label][1]
+            raise ValueError(f"{label}: a {lw}x{lh} label for the {iw}x{ih} image {image}; expected a label of its "
+                             "image's size")
     for i in range(min(decode, len(source))):
         read_pair(source[i]["image"], source[i]["label"], f"row {i}")
 

@@ -8,10 +8,12 @@ Layout under a run's checkpoint folder (train.py uses OUTPUT_DIR/checkpoints):
     .tmp-iter_0003000/       being written, or left behind by a crash: never read, replaced by the next save
 
 A checkpoint is written into `.tmp-<name>` beside its final place, every file is fsync'ed, then manifest.json
-(iteration, sha256 of every file, the run's config and its hash, world size, versions, and the caller's
-`train_state`) is written last, and the folder is renamed into place. A folder therefore counts as complete only
-when its manifest exists and every checksum matches: a crash at any moment leaves either the old set of
-checkpoints or the old set plus one complete new one. Old checkpoints are deleted only after the new one is in
+(iteration, sha256 of every file, the run's config and its hash, world size, versions, the caller's
+`train_state`, and the sha256 of the manifest's own canonical JSON) is written last, and the folder is renamed into
+place. A folder therefore counts as complete only when its manifest exists, is intact, agrees with itself (the
+iteration of the folder name, of `train_state` and of the lr scheduler's step count) and every checksum
+matches: a crash at any moment leaves either the old set of checkpoints or the old set plus one complete new one.
+Old checkpoints are deleted only after the new one is in
 place, and at least two complete ones are always kept, so a checkpoint corrupted later on disk still leaves one
 to fall back to. Loading uses Accelerate's loaders, which read the non-safetensors files with
 torch.load(weights_only=True); nothing here unpickles anything (objects registered with
@@ -29,16 +31,21 @@ import pickle
 import platform
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, load
+from safetensors import SafetensorError
 
 from modeling.errors import first_line
 from modeling.weights import check_state_dict
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # 2: the manifest holds its own checksum ("manifest_sha256"); 1 (no checksum) is still read
+# What torch.save raises, as a RuntimeError, when the disk is full (e.g. "unexpected pos 64 vs 0").
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
 MIN_KEEP = 2  # a checkpoint corrupted after it was written must leave a complete one behind
 _NAME = re.compile(r"^iter_(\d+)$")
 _CHUNK = 1 << 22
@@ -82,6 +89,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), its own checksum left out."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@contextmanager
+def disk_writes():
+    """A failed write as OSError whatever the writer raises: safetensors raises SafetensorError and torch.save a
+    RuntimeError on a full disk, so that callers can report every failed write as one line."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise OSError(f"safetensors: {first_line(err)}") from err
+    except RuntimeError as err:
+        if not any(text in str(err) for text in _TORCH_WRITE_FAILURES):
+            raise
+        raise OSError(f"torch.save: {first_line(err)}") from err
+
+
 def _write_json_durably(path: Path, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -106,14 +133,16 @@ def save_checkpoint(accelerator, checkpoints_dir, iteration: int, *, keep: int, 
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at the same iteration
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # rank 0 writes model/optimizer/scheduler/scaler; each rank its RNG states
+    with disk_writes():
+        accelerator.save_state(str(tmp))  # rank 0 writes model/optimizer/scheduler/scaler; each rank its RNG states
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.name: {"sha256": _sha256_and_fsync(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"format": 1, "iteration": iteration, "world_size": accelerator.num_processes,
+        manifest = {"format": FORMAT, "iteration": iteration, "world_size": accelerator.num_processes,
                     "mixed_precision": accelerator.mixed_precision, "config_hash": config_hash(config),
                     "config": config, "versions": versions(), "files": files, "train_state": train_state}
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
         _write_json_durably(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
@@ -178,13 +207,35 @@ def verify_checkpoint(path) -> dict:
         raise ValueError(f"{path}: unreadable {MANIFEST} ({err})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "iteration" not in manifest:
         raise ValueError(f"{path}: {MANIFEST} lacks 'iteration' or 'files'")
+    if manifest.get("format", 1) >= 2 and manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise ValueError(f"{path}: {MANIFEST} was modified after it was written (its own sha256 differs)")
     for name, entry in manifest["files"].items():
         file = path / name
         if not file.is_file():
             raise ValueError(f"{path}: file {name} listed in the manifest is missing")
         if file.stat().st_size != entry["bytes"] or _sha256_and_fsync(file) != entry["sha256"]:
             raise ValueError(f"{path}: file {name} is corrupt (size or sha256 differs from the manifest)")
+    if problem := _step_count_problem(path, manifest):
+        raise ValueError(f"{path}: {MANIFEST} disagrees with the checkpoint ({problem})")
     return manifest
+
+
+def _step_count_problem(path: Path, manifest: dict) -> str | None:
+    """The manifest's iteration against the folder name, train_state and the lr schedulers' step counts (the loop
+    steps them once per iteration); None when they agree."""
+    iteration = manifest["iteration"]
+    counts = {}
+    if _NAME.match(path.name):
+        counts["the folder name"] = _iteration_of(path)
+    if isinstance(manifest.get("train_state"), dict) and "iteration" in manifest["train_state"]:
+        counts["train_state.iteration"] = manifest["train_state"]["iteration"]
+    for file in sorted(path.glob("scheduler*.bin")):  # Accelerate's names: scheduler.bin, scheduler_1.bin, ...
+        try:
+            counts[f"{file.name} last_epoch"] = torch.load(file, weights_only=True, map_location="cpu")["last_epoch"]
+        except Exception as err:  # noqa: BLE001 (any unreadable file makes the checkpoint unusable)
+            return f"{file.name} unreadable: {first_line(err)}"
+    wrong = [f"{what} {count}" for what, count in counts.items() if count != iteration]
+    return f"iteration {iteration}, but {', '.join(wrong)}" if wrong else None
 
 
 def find_latest_checkpoint(checkpoints_dir) -> tuple[Path | None, list[str]]:
@@ -263,6 +314,8 @@ def load_checkpoint(accelerator, spec: str, checkpoints_dir, model=None) -> dict
         # Accelerate saves a torch.compile'd model under its own names (no `_orig_mod.` prefix): compare with those
         plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
         check_checkpoint_fits(plain_model, Path(path) / "model.safetensors")
+    if problem := _unreadable_rng_states(Path(path), accelerator.process_index):
+        print(f"warning: {problem}")  # every process for its own file: Accelerate only logs this at INFO level
     try:
         accelerator.load_state(path)
     except pickle.UnpicklingError as err:  # a global that weights_only=True refuses: never unpickled
@@ -271,12 +324,26 @@ def load_checkpoint(accelerator, spec: str, checkpoints_dir, model=None) -> dict
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
+def _unreadable_rng_states(path: Path, rank: int) -> str | None:
+    """Accelerate skips a random_states_<rank>.pkl that torch.load(weights_only=True) refuses without saying so."""
+    file = path / f"random_states_{rank}.pkl"
+    if not file.is_file():
+        return None
+    try:
+        load(file)  # Accelerate's loader: torch.load(weights_only=True) with its allow-list (numpy RNG state)
+    except Exception as err:  # noqa: BLE001 (whatever the reason, Accelerate will not restore it)
+        return (f"{file} cannot be read with torch.load(weights_only=True) ({first_line(err)}); not loaded: the "
+                "random number generators of this process are not restored")
+    return None
+
+
 def save_pretrained_atomically(model, out_dir) -> Path:
     """`model.save_pretrained` into a temporary folder beside out_dir, then swap it in (call on one process)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with disk_writes():
+        model.save_pretrained(tmp)
     for file in tmp.iterdir():
         _sha256_and_fsync(file)
     _fsync_dir(tmp)

@@ -50,6 +50,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A random seed: an integer in [0, 2**32) (numpy's and the DataLoader's range)."""
+    value = _number(text, int, "an integer in [0, 2**32)")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
+    return value
+
+
 def refuse_fp16_on_cpu(accelerator) -> None:
     """Accelerate has no fp16 autocast on the CPU and silently runs fp32: refuse rather than mislabel the run."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":

@@ -48,6 +48,8 @@ class PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in PREEMPTION_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            # scripts/train.py blocks these signals while it imports: one that arrived meanwhile is delivered now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
         return self
 
     def restore(self) -> None:
@@ -164,7 +166,7 @@ def nonfinite_message(done: int, streak: int, fp16: bool) -> str:
             "--max_nonfinite_steps). Check the data and the learning rate, then resume from a checkpoint")
 
 
-def check_finite_state(model, iteration: int) -> None:
+def check_finite_state(model, iteration: int, writing: str = "a checkpoint") -> None:
     """Raise NonFiniteError naming the tensors if any floating-point parameter or buffer is NaN/inf (one sync)."""
     named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
     if not named:
@@ -174,7 +176,7 @@ def check_finite_state(model, iteration: int) -> None:
         return
     bad = [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
     raise NonFiniteError(f"iteration {iteration}: the model holds non-finite values ({len(bad)} tensors: "
-                         f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); not writing a checkpoint. A "
+                         f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); not writing {writing}. A "
                          "non-finite forward pass poisons BatchNorm statistics: resume from the last checkpoint")
 
 

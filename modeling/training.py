@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import get_polynomial_decay_schedule_with_warmup
 
 from data import batch_to_device
+from modeling.cli import refuse_fp16_on_cpu
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
 from modeling.reliability import DEFAULT_LOADER_TIMEOUT, StepGuard, explain_loader_errors, loader_kwargs
 
@@ -182,11 +183,7 @@ def check_launch(accelerator) -> None:
         # unrelated single-process runs writing the same files.
         raise SystemExit(f"error: launched as {world_size} processes but Accelerate runs {accelerator.num_processes}:"
                          " without GPUs set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)")
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate has no fp16 autocast on the CPU and silently runs fp32: results.json would say fp16
-        raise SystemExit("error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only (on "
-                         "the CPU Accelerate would silently train in fp32): use 'no' or 'bf16' "
-                         "(accelerate_configs/cpu.yaml)")
+    refuse_fp16_on_cpu(accelerator)  # results.json would say fp16 for an fp32 run
 
 
 def end_processes(accelerator) -> None:

@@ -16,8 +16,12 @@ after each evaluation), checkpoints/iter_* (resumable, see modeling/checkpointin
 (save_pretrained, for scripts/eval.py), trackers' logs.
 """
 
+import signal
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # SIGTERM / SIGUSR1 during the imports (seconds) wait, pending, until main() handles them
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,6 +31,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -50,12 +55,15 @@ from modeling.checkpointing import (
     save_checkpoint,
     save_pretrained_atomically,
 )
+from modeling.cli import finite_float, non_negative_int, positive_float, positive_int, seed_int
+from modeling.errors import data_error_line
 from modeling.hrnet_fcn import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.inference import evaluate_segmentation
 from modeling.metrics import metrics_to_json
 from modeling.reliability import (
     DEFAULT_LOADER_TIMEOUT,
     EXIT_PREEMPTED,
+    LoaderError,
     NonFiniteError,
     PreemptionFlag,
     StepGuard,
@@ -64,6 +72,7 @@ from modeling.reliability import (
     signal_name,
     write_preemption_marker,
 )
+from modeling.run_files import OutputDirBusy, OutputDirLock, append_log, read_log, repair_log
 from modeling.training import (
     LR_END,
     POLY_POWER,
@@ -134,7 +143,12 @@ def prepare_data_root(args, accelerator) -> Path:
 # --------------------------------------------------------------------------------------------- eval, checkpoint
 def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, args, output_dir: Path) -> dict:
     """Evaluate on the whole val split; record it; keep the best model; note when --target_miou is first met."""
-    metrics = metrics_to_json(evaluate_segmentation(model, *val_data, accelerator, num_workers=args.num_workers))
+    try:
+        metrics = metrics_to_json(evaluate_segmentation(model, *val_data, accelerator, num_workers=args.num_workers))
+    except (ValueError, OSError, LoaderError) as err:  # a val file that passed the header checks but not decoding
+        raise SystemExit(f"error: the evaluation after iteration {state.iteration}: {data_error_line(err)}; the "
+                         "checkpoints are intact: fix or replace the file, then run the same command with "
+                         "--resume_from_checkpoint latest") from None
     miou, iteration, wall_s = metrics["mean_iou"], state.iteration, clock.wall_s()  # wall time when the eval ends
     state.final_metrics = metrics
     state.eval_log.append({"iteration": iteration, "wall_s": round(wall_s, 3), "mean_iou": miou})
@@ -143,16 +157,22 @@ def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, a
     if miou > state.best_miou:
         state.best_miou, state.best_iteration, state.best_metrics = miou, iteration, metrics
         if accelerator.is_main_process:
-            write_model(accelerator, model, output_dir / "best")
+            write_model(accelerator, model, output_dir / "best", iteration)
     accelerator.print(f"iteration {iteration}: mIoU {miou:.4f} (best {state.best_miou:.4f} at {state.best_iteration})")
     return {"iteration": iteration, "mean_iou": miou, "mean_accuracy": metrics["mean_accuracy"],
             "overall_accuracy": metrics["overall_accuracy"]}
 
 
-def write_model(accelerator, model, folder: Path) -> None:
-    """save_pretrained into `folder`, atomically (main process); a failed write is one line, not a traceback."""
+def write_model(accelerator, model, folder: Path, iteration: int) -> None:
+    """save_pretrained into `folder`, atomically (main process), never non-finite weights; a failed write is one line,
+    not a traceback."""
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     try:
-        save_pretrained_atomically(accelerator.unwrap_model(model, keep_torch_compile=False), folder)
+        check_finite_state(plain_model, iteration, writing=str(folder))  # e.g. --lr far too high
+    except NonFiniteError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        save_pretrained_atomically(plain_model, folder)
     except OSError as err:  # disk full, quota, permissions: the previous `folder` (if any) is untouched
         raise SystemExit(f"error: could not write {folder} ({err}); the checkpoints are intact: free space, then run "
                          "the same command with --resume_from_checkpoint latest") from None
@@ -197,22 +217,14 @@ def default_pipeline(args, accelerator) -> str:
 
 
 def check_args(args) -> None:
-    """Cheap checks before anything heavy starts: one line naming the argument and what was expected."""
-    positive = ("batch_size", "max_iters", "eval_interval", "checkpoint_interval", "log_interval",
-                "gradient_accumulation_steps", "check_interval", "max_nonfinite_steps")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
+    """Cheap checks before anything heavy starts (beyond the parser's: positive integers, finite numbers): one line
+    naming the argument and what was expected."""
     if args.keep_checkpoints < MIN_KEEP:
         raise SystemExit(f"error: --keep_checkpoints must be >= {MIN_KEEP}, got {args.keep_checkpoints}")
     if not LR_END < args.lr:
         raise SystemExit(f"error: --lr must be above the poly schedule's end value {LR_END}, got {args.lr}")
     if not 0.0 <= args.target_miou <= 1.0:
         raise SystemExit(f"error: --target_miou is a fraction in [0, 1] (e.g. 0.7811), got {args.target_miou}")
-    if args.num_workers < 0:
-        raise SystemExit(f"error: --num_workers must be >= 0, got {args.num_workers}")
-    if not args.loader_timeout > 0:
-        raise SystemExit(f"error: --loader_timeout must be > 0 seconds, got {args.loader_timeout}")
     try:
         check_pretrained_source(args.pretrained_backbone)  # before any download or heavy work
     except (FileNotFoundError, ValueError) as err:
@@ -268,10 +280,39 @@ def shutdown(accelerator, preemption: PreemptionFlag) -> None:
     preemption.restore()
 
 
+@contextmanager
+def output_dir_claimed(output_dir: Path):
+    """OUTPUT_DIR locked for the run by its main process (RANK 0; the lock dies with the process), a torn last line
+    of train_log.jsonl cut off; a folder in use or not writable is one line."""
+    if int(os.environ.get("RANK", "0")):  # rank 0 holds the lock for every process of the run
+        yield
+        return
+    lock = OutputDirLock(output_dir)
+    try:
+        lock.acquire()
+    except OutputDirBusy as err:
+        raise SystemExit(f"error: {err}") from None
+    except OSError as err:  # read-only filesystem, permissions
+        raise SystemExit(f"error: --output_dir {output_dir}: cannot write there ({err}); expected a writable "
+                         "folder") from None
+    try:
+        for line in (lock.warning, repair_log(output_dir / "train_log.jsonl")):
+            if line:
+                print(line if line.startswith("warning: ") else f"warning: {line}", flush=True)
+        yield
+    finally:
+        lock.release()
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
+    preemption = PreemptionFlag().install()  # first: SIGTERM / SIGUSR1 only set a flag, acted on between iterations
     check_args(args)
-    preemption = PreemptionFlag().install()  # SIGTERM / SIGUSR1 only set a flag, acted on between iterations
+    with output_dir_claimed(Path(args.output_dir)):  # a second run into the same folder is refused
+        return train(args, preemption)
+
+
+def train(args, preemption: PreemptionFlag) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False,  # see create_optimizer_and_scheduler
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -342,6 +383,8 @@ def main(args) -> dict:
             loss_sum.zero_()
             window_start, data_time, window_paused, log_t0 = done, 0.0, clock.paused, time.perf_counter()
 
+        if done == args.max_iters:  # before the final evaluation: a bad val file met there leaves this checkpoint
+            checkpoint = save(accelerator, model, state, clock, guard, config, args, global_batch)
         if done % args.eval_interval == 0 or done == args.max_iters:
             paused_at = clock.pause()
             clock.update(state, done, global_batch)
@@ -349,7 +392,7 @@ def main(args) -> dict:
                                                           output_dir))
             plot_curves(accelerator, log_file)
             clock.resume(paused_at)
-        if done % args.checkpoint_interval == 0 or done == args.max_iters or preempted:
+        if (done % args.checkpoint_interval == 0 or preempted) and done < args.max_iters:
             checkpoint = save(accelerator, model, state, clock, guard, config, args, global_batch)
         if preempted:
             exit_preempted(accelerator, preemption, preempted, done, checkpoint, output_dir)
@@ -360,8 +403,13 @@ def main(args) -> dict:
     clock.update(state, state.iteration, global_batch)
     results = build_results(state, args.target_miou, accelerator, global_batch)
     if accelerator.is_main_process:
-        write_model(accelerator, model, output_dir / "final")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_model(accelerator, model, output_dir / "final", state.iteration)
+        try:
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        except OSError as err:
+            raise SystemExit(f"error: could not write {output_dir / 'results.json'} ({err}); the checkpoints and "
+                             "final/ are intact: free space, then run the same command with --resume_from_checkpoint "
+                             "latest") from None
     accelerator.print(f"done: final mIoU {results['final_miou']:.4f}, best {results['best_miou']:.4f}, "
                       f"{results['images_per_sec'] or math.nan:.2f} images/s; results in {output_dir}")
     shutdown(accelerator, preemption)
@@ -372,8 +420,10 @@ def log(accelerator, log_file: Path, record: dict, progress=None) -> None:
     """One record to the trackers, to train_log.jsonl and to the progress bar (main process only)."""
     accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
     if accelerator.is_main_process:
-        with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            append_log(log_file, record)
+        except OSError as err:  # the log is not worth stopping a run for; checkpoints are written separately
+            print(f"warning: could not append to {log_file} ({err}); training goes on", flush=True)
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
@@ -382,8 +432,11 @@ def log(accelerator, log_file: Path, record: dict, progress=None) -> None:
 def plot_curves(accelerator, log_file: Path) -> None:
     """OUTPUT_DIR/training_curves.png (loss, lr, val mIoU) from train_log.jsonl, redrawn after each evaluation."""
     if accelerator.is_main_process:
-        records = [json.loads(line) for line in log_file.read_text().splitlines()]
-        plot_training_curves(records, log_file.with_name("training_curves.png"))
+        try:
+            plot_training_curves(read_log(log_file), log_file.with_name("training_curves.png"))
+        except OSError as err:
+            print(f"warning: could not draw {log_file.with_name('training_curves.png')} ({err}); training goes on",
+                  flush=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -397,39 +450,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--pipeline", choices=("fast", "reference"), default=None,
                       help="training augmentation: fast = batched on the device (default on GPUs), reference = "
                            "per sample in the loader workers (default on the CPU)")
-    data.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
-    data.add_argument("--num_workers", type=int, default=2, help="loader workers per process (the reference: 2)")
-    data.add_argument("--loader_timeout", type=float, default=DEFAULT_LOADER_TIMEOUT,
+    data.add_argument("--crop_size", type=positive_int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    data.add_argument("--num_workers", type=non_negative_int, default=2,
+                      help="loader workers per process (the reference: 2)")
+    data.add_argument("--loader_timeout", type=positive_float, default=DEFAULT_LOADER_TIMEOUT,
                       help="seconds to wait for one batch from the loader workers before stopping with an error")
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--batch_size", type=int, default=2, help="images per process per micro-batch")
-    recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    recipe.add_argument("--max_iters", type=int, default=80_000, help="optimizer steps")
-    recipe.add_argument("--lr", type=float, default=0.01, help=f"initial lr; poly {POLY_POWER} decay to {LR_END}")
+    recipe.add_argument("--batch_size", type=positive_int, default=2, help="images per process per micro-batch")
+    recipe.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    recipe.add_argument("--max_iters", type=positive_int, default=80_000, help="optimizer steps")
+    recipe.add_argument("--lr", type=positive_float, default=0.01,
+                        help=f"initial lr; poly {POLY_POWER} decay to {LR_END}")
     recipe.add_argument("--pretrained_backbone", default=DEFAULT_PRETRAINED,
                         help="timm tag, local weights file, or 'none' (random init)")
-    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--seed", type=seed_int, default=0)
     speed = parser.add_argument_group("speed (precision comes from the Accelerate config)")
     speed.add_argument("--channels_last", action="store_true")
     speed.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="out/train")
-    run.add_argument("--eval_interval", type=int, default=1000, help="iterations (the benchmark: 1000); "
+    run.add_argument("--eval_interval", type=positive_int, default=1000, help="iterations (the benchmark: 1000); "
                      "the last iteration is always evaluated")
-    run.add_argument("--target_miou", type=float, default=0.7811,
+    run.add_argument("--target_miou", type=finite_float, default=0.7811,
                      help="Time2train: wall seconds until the first evaluation at or above this mIoU (fraction)")
-    run.add_argument("--checkpoint_interval", type=int, default=1000)
-    run.add_argument("--keep_checkpoints", type=int, default=2, help=f"complete checkpoints kept (>= {MIN_KEEP})")
+    run.add_argument("--checkpoint_interval", type=positive_int, default=1000)
+    run.add_argument("--keep_checkpoints", type=positive_int, default=2,
+                     help=f"complete checkpoints kept (>= {MIN_KEEP})")
     run.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None, metavar="latest|PATH",
                      help="'latest' (the default when given without a value): the newest complete checkpoint in "
                           "OUTPUT_DIR/checkpoints, or a fresh start if there is none")
     run.add_argument("--force_resume", action="store_true",
                      help="resume even if the checkpoint was made with other settings or another process count")
-    run.add_argument("--log_interval", type=int, default=50)
-    run.add_argument("--check_interval", type=int, default=10,
+    run.add_argument("--log_interval", type=positive_int, default=50)
+    run.add_argument("--check_interval", type=positive_int, default=10,
                      help="iterations between the cross-process checks for a preemption signal (SIGTERM/SIGUSR1: "
                           "checkpoint, exit code 75) and for non-finite steps: one tiny all-reduce each")
-    run.add_argument("--max_nonfinite_steps", type=int, default=20,
+    run.add_argument("--max_nonfinite_steps", type=positive_int, default=20,
                      help="stop after this many consecutive steps with a non-finite loss or gradients (none is applied;"
                           " fp16: steps the gradient scaler skipped)")
     run.add_argument("--report_to", default="none",

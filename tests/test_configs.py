@@ -9,14 +9,14 @@ from accelerate.utils import DistributedType
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 # name -> (distributed type, total processes, machines, mixed precision, use_cpu)
 EXPECTED = {
-    "1gpu.yaml": (DistributedType.NO, 1, 1, "no", False),
-    "1gpu_fp16.yaml": (DistributedType.NO, 1, 1, "fp16", False),
-    "1gpu_bf16.yaml": (DistributedType.NO, 1, 1, "bf16", False),
+    "1gpu.yaml": (DistributedType.MULTI_GPU, 1, 1, "no", False),
+    "1gpu_fp16.yaml": (DistributedType.MULTI_GPU, 1, 1, "fp16", False),
+    "1gpu_bf16.yaml": (DistributedType.MULTI_GPU, 1, 1, "bf16", False),
     "8gpu.yaml": (DistributedType.MULTI_GPU, 8, 1, "no", False),
     "8gpu_fp16.yaml": (DistributedType.MULTI_GPU, 8, 1, "fp16", False),
     "8gpu_bf16.yaml": (DistributedType.MULTI_GPU, 8, 1, "bf16", False),
     "2node_8gpu.yaml": (DistributedType.MULTI_GPU, 16, 2, "fp16", False),
-    "cpu.yaml": (DistributedType.NO, 1, 1, "no", True),
+    "cpu.yaml": (DistributedType.MULTI_GPU, 1, 1, "no", True),  # 1 process: torchrun launches it (signals)
     # torchrun launcher + ACCELERATE_USE_CPU=1 (see the file's header for why not MULTI_CPU)
     "cpu_2proc.yaml": (DistributedType.MULTI_GPU, 2, 1, "no", True),
     "cpu_2node.yaml": (DistributedType.MULTI_GPU, 2, 2, "no", True),  # 2 "machines" x 1 CPU process, localhost
@@ -59,3 +59,15 @@ def test_cpu_two_node_config_meets_on_localhost_with_one_process_per_machine():
     assert config.main_process_ip == "127.0.0.1" and isinstance(config.main_process_port, int)
     assert config.num_processes // config.num_machines == 1 and config.machine_rank == 0
     assert "ACCELERATE_USE_CPU=1" in (CONFIG_DIR / "cpu_2node.yaml").read_text().split("compute_environment")[0]
+
+
+def test_single_process_configs_use_the_launcher_that_forwards_signals():
+    # MULTI_GPU with one process: torchrun as the launcher (it forwards SIGTERM/SIGUSR1 and waits for the save);
+    # mpirun_config's keys reach torchrun as --signals_to_handle / --shutdown_timeout (tests/test_reliability.py
+    # checks it end to end with cpu.yaml)
+    for name, (_, num_processes, *_) in EXPECTED.items():
+        config = load_config_from_file(str(CONFIG_DIR / name))
+        if num_processes == 1:
+            assert config.distributed_type == DistributedType.MULTI_GPU, name
+            assert "SIGUSR1" in config.mpirun_config["signals_to_handle"].split(","), name
+            assert config.mpirun_config["shutdown_timeout"] >= 60, name

@@ -150,7 +150,6 @@ def test_poly_schedule_is_the_recipe_curve():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max_iters", "0"], "--max_iters must be >= 1"),
     (["--keep_checkpoints", "1"], "--keep_checkpoints must be >= 2"),
     (["--lr", "1e-4"], "--lr must be above"),
     (["--target_miou", "78.11"], "--target_miou is a fraction"),

@@ -1,0 +1,110 @@
+"""A training run's own files in OUTPUT_DIR beside the checkpoints: the lock that keeps a second run out, and
+train_log.jsonl (one JSON record per line). Standard library only.
+
+    with OutputDirLock(output_dir):     # a second run into the same folder: OutputDirBusy naming the holder
+        repair_log(log_file)            # a torn last line (a full disk during an append) is cut off
+        append_log(log_file, record); records = read_log(log_file)
+
+Why flock: the kernel drops the lock when the holding process dies, however it dies (SIGKILL, OOM killer), so a
+killed run never leaves a stale lock behind and the relaunch needs no clean-up. On a network filesystem, flock
+works across machines on NFSv4 (Linux emulates it with NFS byte-range locks); on filesystems without it (some
+Lustre and old NFSv3 mounts) locking fails with an error that is reported as a warning, and the run goes on
+unprotected.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_FILE = ".train.lock"  # in OUTPUT_DIR; it stays there (an unlocked file is no lock)
+
+
+class OutputDirBusy(RuntimeError):
+    """Another live training run holds OUTPUT_DIR."""
+
+
+class OutputDirLock:
+    """An exclusive flock on OUTPUT_DIR/.train.lock for the lifetime of the `with` block (one process per run: the
+    main one). The holder's pid, host and start time are written into the file for the next run's message.
+
+    `warning` (None, or a line to print) tells that the filesystem refused locking altogether."""
+
+    def __init__(self, output_dir):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.warning: str | None = None
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputDirBusy(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
+                                    "to end or choose another --output_dir") from None
+            self.warning = (f"warning: cannot lock {self.path} ({err.strerror}: the filesystem does not support "
+                            "flock); nothing keeps a second run out of this folder")
+            return self
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock (the text stays: harmless, rewritten by the next holder)
+            self._fd = None
+
+    def __enter__(self) -> "OutputDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------------- the log
+def repair_log(log_file) -> str | None:
+    """Cut off a torn last line (no newline, or not JSON: what a full disk during an append leaves). Returns a line
+    saying what was cut, or None when the log is intact or absent."""
+    log_file = Path(log_file)
+    if not log_file.is_file():
+        return None
+    data = log_file.read_bytes()
+    keep = len(data)
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        last_start = data.rfind(b"\n", 0, max(len(data) - 1, 0)) + 1
+        try:
+            json.loads(data[last_start:])
+        except ValueError:
+            keep = last_start if data else 0
+    if keep == len(data):
+        return None
+    with open(log_file, "r+b") as f:
+        f.truncate(keep)
+    return f"{log_file}: cut off a torn last line ({len(data) - keep} bytes, e.g. from a full disk)"
+
+
+def append_log(log_file, record: dict) -> None:
+    with open(log_file, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(log_file) -> list[dict]:
+    """The records of train_log.jsonl; a line that is not JSON (torn by a full disk) is skipped."""
+    records = []
+    for line in Path(log_file).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
