@@ -13,7 +13,10 @@ _LAZY = {
     "load_pretrained_backbone": "modeling.hrnet_fcn",
     "segmentation_loss": "modeling.hrnet_fcn",
     "convert_mmseg_state_dict": "modeling.convert",
-    "convert_to_sync_batchnorm": "modeling.training",
+    "apply_sync_batchnorm": "modeling.training",
+    "SyncBatchNorm": "modeling.sync_batchnorm",
+    "convert_sync_batchnorm": "modeling.sync_batchnorm",
+    "revert_sync_batchnorm": "modeling.sync_batchnorm",
     "to_channels_last": "modeling.training",
 }
 __all__ = list(_LAZY)

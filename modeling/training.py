@@ -1,6 +1,7 @@
 """What a training iteration is made of, shared by scripts/train.py and the throughput benchmark (which times it).
 
-    model = create_model(pretrained, channels_last, accelerator, sync_batchnorm=True)
+    accelerator = Accelerator(kwargs_handlers=[ddp_kwargs(sync_batchnorm)], ...)  # sync_batchnorm: ours|torch|off
+    model = create_model(pretrained, channels_last, accelerator, sync_batchnorm)
     optimizer, scheduler = create_optimizer_and_scheduler(model, lr, max_iters)
     batches = train_batches(dataset, ResumableSampler(dataset, num_processes, rank, seed), batch_size, ...)
     pixel_values, labels = next_batch(batches, on_device, device, generator, channels_last)
@@ -12,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import get_polynomial_decay_schedule_with_warmup
@@ -20,22 +22,56 @@ from data import batch_to_device
 from modeling.cli import refuse_fp16_on_cpu
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
 from modeling.reliability import DEFAULT_LOADER_TIMEOUT, StepGuard, explain_loader_errors, loader_kwargs
+from modeling.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 # The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
 MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
 
 
 # -------------------------------------------------------------------------------------------------------- model
-def convert_to_sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when training on several CUDA processes (RECIPE.md section 5), else unchanged.
+# --sync_batchnorm: ours = modeling.sync_batchnorm (any backend, no host sync), torch = nn.SyncBatchNorm (CUDA only),
+# off = each process normalizes its own batch. One process always runs plain BN (no collective to make).
+SYNC_BATCHNORM_CHOICES = ("ours", "torch", "off")
 
-    Call it before `accelerator.prepare` (DDP must wrap the converted modules). SyncBatchNorm exists on CUDA only,
-    and with one process it would only add overhead, so every other case is a no-op. The state dict keys stay the
-    same, so checkpoints load either way.
+
+def apply_sync_batchnorm(model: nn.Module, choice: str, accelerator) -> nn.Module:
+    """The BatchNorm that training runs, per --sync_batchnorm (RECIPE.md section 5: SyncBN on several GPUs).
+
+    Call it before `accelerator.prepare` (DDP must wrap the converted modules) and build the Accelerator with
+    `ddp_kwargs(choice)`. "ours" on several processes of any device; "torch" on several CUDA processes (refused on
+    the CPU, where torch's exists only on paper); "off", or one process: the model unchanged. The state dict keys
+    stay the same every way, so checkpoints load either way.
     """
-    if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
+    if choice not in SYNC_BATCHNORM_CHOICES:
+        raise SystemExit(f"error: --sync_batchnorm must be one of {', '.join(SYNC_BATCHNORM_CHOICES)}, got {choice!r}")
+    if choice == "torch" and accelerator.device.type != "cuda":
+        raise SystemExit("error: --sync_batchnorm torch: torch's nn.SyncBatchNorm runs on CUDA only; on CPU "
+                         "processes use ours (the default) or off")
+    if accelerator.num_processes == 1 or choice == "off":
+        return model
+    if choice == "torch":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return convert_sync_batchnorm(model)
+
+
+def batchnorm_kind(model: nn.Module) -> str:
+    """Which BatchNorm a (possibly wrapped) model runs: "ours", "torch" or "off" (per-process), for results."""
+    modules = list(model.modules())
+    if any(isinstance(m, SyncBatchNorm) for m in modules):
+        return "ours"
+    return "torch" if any(isinstance(m, nn.SyncBatchNorm) for m in modules) else "off"
+
+
+def ddp_kwargs(choice: str) -> DistributedDataParallelKwargs:
+    """DDP's settings for the Accelerator (kwargs_handlers=[...]) that go with --sync_batchnorm `choice`.
+
+    broadcast_buffers: DDP copies rank 0's buffers (the BN running statistics) to every rank before each forward.
+    Synchronized BN computes identical statistics on every rank, so the copy would cost one collective per step
+    for nothing (the reference's mmseg also runs DDP with broadcast_buffers=False). Per-process BN keeps it: the
+    ranks' statistics would drift apart, and the sharded evaluation and rank 0's saved weights assume one model.
+    The gradient buckets keep DDP's defaults (bucket_cap_mb 25, first bucket 1 MiB; BENCHMARKS.md).
+    """
+    return DistributedDataParallelKwargs(broadcast_buffers=choice == "off")
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -44,9 +80,8 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 
 
 def create_model(pretrained: str, channels_last: bool, accelerator,
-                 sync_batchnorm: bool = True) -> HRNetFCNForSemanticSegmentation:
-    """The network as training runs it; sync_batchnorm=False keeps per-process BN on several GPUs too (the
-    throughput benchmark measures SyncBN's cost that way)."""
+                 sync_batchnorm: str = "ours") -> HRNetFCNForSemanticSegmentation:
+    """The network as training runs it; sync_batchnorm: see apply_sync_batchnorm."""
     model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
     if pretrained != "none":
         with accelerator.main_process_first():  # one download into the shared cache, then everyone reads it
@@ -55,8 +90,7 @@ def create_model(pretrained: str, channels_last: bool, accelerator,
             except (FileNotFoundError, ValueError) as err:
                 raise SystemExit(f"error: --pretrained_backbone: {err}") from None
         accelerator.print(f"backbone: {info['loaded']} tensors from {info['source']}")
-    if sync_batchnorm:
-        model = convert_to_sync_batchnorm(model, accelerator)  # SyncBN only for several CUDA processes
+    model = apply_sync_batchnorm(model, sync_batchnorm, accelerator)
     return to_channels_last(model) if channels_last else model
 
 

@@ -76,12 +76,15 @@ from modeling.run_files import OutputDirBusy, OutputDirLock, append_log, read_lo
 from modeling.training import (
     LR_END,
     POLY_POWER,
+    SYNC_BATCHNORM_CHOICES,
     TrainState,
     augmentation_seed,
+    batchnorm_kind,
     check_launch,
     create_model,
     create_optimizer_and_scheduler,
     create_sampler,
+    ddp_kwargs,
     end_processes,
     next_batch,
     train_batches,
@@ -183,7 +186,8 @@ def run_config(args, accelerator) -> dict:
     return {"dataset": args.dataset, "pipeline": default_pipeline(args, accelerator), "crop_size": list(args.crop_size),
             "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "max_iters": args.max_iters, "lr": args.lr, "seed": args.seed, "pretrained_backbone":
-            args.pretrained_backbone, "mixed_precision": accelerator.mixed_precision}
+            args.pretrained_backbone, "mixed_precision": accelerator.mixed_precision,
+            "sync_batchnorm": args.sync_batchnorm}
 
 
 def resume(accelerator, args, checkpoints_dir: Path, config: dict, model) -> TrainState:
@@ -316,7 +320,8 @@ def train(args, preemption: PreemptionFlag) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False,  # see create_optimizer_and_scheduler
                               log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=args.output_dir, dynamo_backend="inductor" if args.compile else None)
+                              project_dir=args.output_dir, dynamo_backend="inductor" if args.compile else None,
+                              kwargs_handlers=[ddp_kwargs(args.sync_batchnorm)])  # no buffer broadcast with SyncBN
     check_launch(accelerator)
     output_dir, device, rank = Path(args.output_dir), accelerator.device, accelerator.process_index
     checkpoints_dir = output_dir / "checkpoints"
@@ -332,7 +337,8 @@ def train(args, preemption: PreemptionFlag) -> dict:
     val_data = get_val_data(data_root, split="val")
     sampler = create_sampler(train_set, accelerator, args.batch_size, args.seed, data_root)
 
-    model = create_model(args.pretrained_backbone, args.channels_last, accelerator, sync_batchnorm=True)
+    model = create_model(args.pretrained_backbone, args.channels_last, accelerator, args.sync_batchnorm)
+    batchnorm = batchnorm_kind(model)  # what runs: one process is plain BN whatever the flag
     optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     config = run_config(args, accelerator)
@@ -343,7 +349,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
                                                for k, v in vars(args).items()})  # trackers run on the main process
     accelerator.print(f"{accelerator.num_processes} process(es) on {device}, mixed precision "
                       f"{accelerator.mixed_precision}, global batch {global_batch}, iterations "
-                      f"{state.iteration} -> {args.max_iters}, pipeline {config['pipeline']}")
+                      f"{state.iteration} -> {args.max_iters}, pipeline {config['pipeline']}, sync BN {batchnorm}")
 
     batches = train_batches(train_set, sampler, args.batch_size, args.num_workers,
                             first_batch=state.iteration * args.gradient_accumulation_steps,
@@ -401,7 +407,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
     if state.final_metrics is None:  # only when resuming past --max_iters (forced): the loop did not run
         evaluate_and_track(model, val_data, accelerator, state, clock, args, output_dir)
     clock.update(state, state.iteration, global_batch)
-    results = build_results(state, args.target_miou, accelerator, global_batch)
+    results = {**build_results(state, args.target_miou, accelerator, global_batch), "sync_batchnorm": batchnorm}
     if accelerator.is_main_process:
         write_model(accelerator, model, output_dir / "final", state.iteration)
         try:
@@ -467,6 +473,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed = parser.add_argument_group("speed (precision comes from the Accelerate config)")
     speed.add_argument("--channels_last", action="store_true")
     speed.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
+    speed.add_argument("--sync_batchnorm", choices=SYNC_BATCHNORM_CHOICES, default="ours",
+                       help="BatchNorm over several processes: ours = statistics of the global batch, no host sync, "
+                            "CPU and CUDA; torch = nn.SyncBatchNorm (CUDA only); off = per-process batch statistics. "
+                            "One process: plain BN whatever the choice (README: BatchNorm)")
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="out/train")
     run.add_argument("--eval_interval", type=positive_int, default=1000, help="iterations (the benchmark: 1000); "

@@ -129,7 +129,8 @@ def test_report_throughput_section_on_gpu_like_runs(bench, runs, tmp_path):
         path.write_text(json.dumps({
             "mode": "throughput", "num_processes": processes, "mixed_precision": "bf16", "device": "NVIDIA H100",
             "input": "fast", "batch_size": 2, "global_batch": 2 * processes, "crop_size": [512, 1024],
-            "channels_last": True, "compile": False, "sync_batchnorm": processes > 1, **fields}))
+            "channels_last": True, "compile": False, "sync_batchnorm": "torch" if processes > 1 else "off",
+            **fields}))
         return path
 
     one = throughput("h100_b2", 1, images_per_sec=20.0, s_per_iter=0.1, data_wait_pct=1.25, peak_memory_gib=3.5,
@@ -143,8 +144,8 @@ def test_report_throughput_section_on_gpu_like_runs(bench, runs, tmp_path):
     assert rows["fp32_1gpu"]["throughput"] is None
     section = (tmp_path / "report" / "report.md").read_text().split("## Throughput runs")[1]
     assert table_line(section, "| h100x8_b2 |") == [
-        "h100x8_b2", "NVIDIA H100", "8", "bf16", "2", "True", "False", "fast", "SyncBN", "144.00", "0.11", "2.50",
-        "3.75", "0, 306", "616"]
+        "h100x8_b2", "NVIDIA H100", "8", "bf16", "2", "True", "False", "fast", "SyncBN (torch)", "144.00", "0.11",
+        "2.50", "3.75", "0, 306", "616"]
     assert table_line(section, "| h100_b2 |")[8:] == ["BN", "20.00", "0.10", "1.25", "3.50", "0, 0", "0"]
     assert "fp32_1gpu" not in section  # train.py runs are not throughput measurements
     report(bench, tmp_path / "report2", runs[0])
@@ -190,6 +191,23 @@ def test_collective_counter_sees_ddp_buckets_and_buffer_broadcast():
     assert dist.all_reduce is original  # the counter restored torch.distributed
     assert per_step["_broadcast_coalesced"] == 1  # BN buffers, once per forward
     assert 2 <= per_step["all_reduce"] <= 6  # 6 parameter tensors, some possibly sharing a bucket
+    # by kind, with the bytes each rank sends, in the 3 counted steps: the 300-channel BN's buffers (2 x 300 floats
+    # + one int64 count) and every gradient (4 x 300 + 300, 2 x 300, 300 x 4 + 4 floats) once per step
+    assert counter.calls["buffer_broadcast"] == 3 and counter.bytes["buffer_broadcast"] == 3 * (600 * 4 + 8)
+    assert counter.bytes["gradient_buckets"] == 3 * 4 * (1200 + 300 + 600 + 1200 + 4)
+    assert counter.calls["gradient_buckets"] == counter.counts["all_reduce"] and not counter.calls["other"]
+
+
+def test_collective_kinds_and_bytes_come_from_the_caller():
+    from modeling.benchmarks.throughput import collective_kind, payload_bytes
+
+    assert collective_kind("all_gather_single", "/repo/modeling/sync_batchnorm.py") == "batchnorm_forward"
+    assert collective_kind("all_reduce", "/site-packages/torch/nn/modules/_functions.py") == "batchnorm_backward"
+    assert collective_kind("all_reduce", "/repo/modeling/reliability.py") == "other"
+    x = torch.zeros(37, dtype=torch.float32)
+    assert payload_bytes("all_gather_single", (torch.zeros(74), x), {}) == 148  # what this rank sends
+    assert payload_bytes("all_reduce", (x,), {}) == payload_bytes("all_reduce", (), {"tensor": x}) == 148
+    assert payload_bytes("_broadcast_coalesced", (None, [x, torch.zeros(2, dtype=torch.long)], 1, 0), {}) == 164
 
 
 # ------------------------------------------------------------------------------------- through the real launcher
@@ -233,7 +251,7 @@ def test_throughput_json(launched, name):
     assert result["data_wait_pct"] == pytest.approx(100 * result["data_wait_s"] / result["s_per_iter"])
     assert result["collectives_per_step"] == 0 and result["collectives_by_name"] == {}  # one process: none
     assert result["host_syncs_per_step"] is None  # CUDA only
-    assert result["peak_memory_gib"] > 0 and result["sync_batchnorm"] is False
+    assert result["peak_memory_gib"] > 0 and result["sync_batchnorm"] == "off"
     assert 0 < result["loss_mean"] < 10  # cross-entropy of 19 classes from random weights: about ln 19 = 2.9
     assert result["device"].startswith("CPU") and result["environment"]["torch"] == torch.__version__
 

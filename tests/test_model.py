@@ -20,8 +20,9 @@ from data.labels import ID2LABEL
 from modeling import (
     HRNetFCNConfig,
     HRNetFCNForSemanticSegmentation,
+    SyncBatchNorm,
+    apply_sync_batchnorm,
     convert_mmseg_state_dict,
-    convert_to_sync_batchnorm,
     load_pretrained_backbone,
     segmentation_loss,
     to_channels_last,
@@ -419,19 +420,26 @@ def test_convert_casts_half_precision_weights_to_float32(model):
 
 
 # ------------------------------------------------------------------------------------------------------- utils
-def test_sync_batchnorm_only_on_several_cuda_processes():
+def test_sync_batchnorm_choice():
+    from modeling.training import batchnorm_kind
+
+    def launch(device, processes):  # faked: building either SyncBatchNorm needs no GPU and no process group
+        return SimpleNamespace(device=torch.device(device), num_processes=processes)
+
     model = _build(seed=12)
-    batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     keys = list(model.state_dict())
-    for device, processes in [("cpu", 1), ("cpu", 4), ("cuda", 1)]:
-        accelerator = SimpleNamespace(device=torch.device(device), num_processes=processes)
-        assert convert_to_sync_batchnorm(model, accelerator) is model
-        assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    # Several CUDA processes (faked: building SyncBatchNorm modules needs no GPU).
-    converted = convert_to_sync_batchnorm(model, SimpleNamespace(device=torch.device("cuda"), num_processes=8))
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == batch_norms == 306
-    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
-    assert list(converted.state_dict()) == keys
+    for choice, device, processes in [("ours", "cpu", 1), ("ours", "cuda", 1), ("torch", "cuda", 1), ("off", "cpu", 4),
+                                      ("off", "cuda", 8)]:  # one process, or off: the model as it is
+        assert apply_sync_batchnorm(model, choice, launch(device, processes)) is model
+        assert batchnorm_kind(model) == "off"
+    with pytest.raises(SystemExit, match="--sync_batchnorm torch: .*CUDA only"):
+        apply_sync_batchnorm(model, "torch", launch("cpu", 2))
+    for choice, device, kind in [("ours", "cpu", SyncBatchNorm), ("ours", "cuda", SyncBatchNorm),
+                                 ("torch", "cuda", nn.SyncBatchNorm)]:
+        converted = apply_sync_batchnorm(_build(seed=12), choice, launch(device, 8))
+        assert sum(isinstance(m, kind) for m in converted.modules()) == 306 and batchnorm_kind(converted) == choice
+        assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+        assert list(converted.state_dict()) == keys
 
 
 def test_channels_last_gives_the_same_outputs(model):

@@ -28,6 +28,8 @@ REFERENCE_SETTING = "batch 2/process, crop 512x1024"
 REFERENCE_TARGET_MIOU = REFERENCE_RUNS[1]["miou_pct"] / 100
 SEED_CONFIGS = ((1, "fp32"), (8, "fp32"), (1, "fp16"), (8, "fp16"))  # the seed table's rows, always shown
 PRECISION_NAMES = {"no": "fp32"}  # Accelerate's mixed_precision value -> the table's name
+# the JSONs' sync_batchnorm ("ours"/"torch"/"off"; older JSONs: a bool) -> the table's BN column
+BATCHNORM_NAMES = {"ours": "SyncBN (ours)", "torch": "SyncBN (torch)", "off": "BN", True: "SyncBN", False: "BN"}
 # what `report` shows of a throughput JSON, beside the fields every run has
 THROUGHPUT_FIELDS = ("batch_size", "channels_last", "compile", "input", "s_per_iter", "data_wait_pct",
                      "peak_memory_gib", "host_syncs_per_step", "collectives_per_step")
@@ -82,7 +84,7 @@ def run_row(run: dict, target_miou) -> dict:
         extras = [flag for flag in ("channels_last", "compile") if data.get(flag)]
         setting = f"batch {data.get('batch_size')}/process, crop {crop[0]}x{crop[1]}, {data.get('input')} input"
         return {**row, "source": "throughput", "setting": ", ".join([setting, *extras]),
-                "batchnorm": "SyncBN" if data.get("sync_batchnorm") else "BN", "target_miou_pct": None,
+                "batchnorm": BATCHNORM_NAMES.get(data.get("sync_batchnorm")), "target_miou_pct": None,
                 "time_to_train_s": None, "miou_pct": None, "best_miou_pct": None, "final_miou_pct": None,
                 "per_class_iou": None, "throughput": {key: data.get(key) for key in THROUGHPUT_FIELDS}}
     target = target_miou if target_miou is not None else data.get("target_miou") or REFERENCE_TARGET_MIOU
@@ -90,9 +92,11 @@ def run_row(run: dict, target_miou) -> dict:
     if "eval_log" not in data and target == data.get("target_miou"):  # no log: trust the run's own figure
         wall_s = data.get("time_to_train_s")
     metrics = data.get("best_metrics") or data.get("final_metrics") or {}
-    device_type = (data.get("environment") or {}).get("device_type")  # train.py: SyncBN iff CUDA and > 1 process
-    batchnorm = None if device_type is None or processes is None else (
-        "SyncBN" if device_type == "cuda" and processes > 1 else "BN")
+    # train.py writes sync_batchnorm; before it did, SyncBN (torch's) ran iff CUDA and > 1 process
+    device_type = (data.get("environment") or {}).get("device_type")
+    batchnorm = BATCHNORM_NAMES.get(data.get("sync_batchnorm"))
+    if batchnorm is None and device_type is not None and processes is not None:
+        batchnorm = "SyncBN (torch)" if device_type == "cuda" and processes > 1 else "BN"
     return {**row, "source": "train", "setting": f"batch {per_process}/process" if per_process else None,
             "throughput": None,
             "batchnorm": batchnorm,

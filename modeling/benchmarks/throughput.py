@@ -7,6 +7,7 @@ import collections
 import functools
 import itertools
 import json
+import sys
 import time
 import warnings
 
@@ -26,10 +27,36 @@ from modeling.reliability import StepGuard
 # module attribute: replacing the attribute sees every such call. Missing names (other torch versions) are skipped.
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor",
                "broadcast", "_broadcast_coalesced", "reduce", "all_to_all", "barrier")
+# the argument holding what this rank sends (a tensor or a list of tensors), by collective; barrier sends nothing
+PAYLOAD_ARGUMENT = {"all_reduce": 0, "broadcast": 0, "reduce": 0, "all_gather": 1, "all_gather_single": 1,
+                    "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1, "_broadcast_coalesced": 1,
+                    "all_to_all": 1}
+# what a collective is for, from the file that calls it: SyncBN (ours, torch's), DDP's gradient buckets (through
+# count_gradient_buckets' hook) and DDP's buffer broadcast; anything else (StepGuard's check, ...) is "other"
+CALLERS = (("modeling/sync_batchnorm.py", "batchnorm"), ("torch/nn/modules/_functions.py", "batchnorm"),
+           ("ddp_comm_hooks/default_hooks.py", "gradient_buckets"), ("torch/nn/parallel/distributed.py",
+                                                                     "buffer_broadcast"))
+
+
+def payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes this rank puts into one collective call: numel x element size, host metadata (no device read)."""
+    index = PAYLOAD_ARGUMENT.get(name)
+    value = args[index] if index is not None and len(args) > index else kwargs.get("tensor", kwargs.get("input"))
+    tensors = value if isinstance(value, list | tuple) else [value]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def collective_kind(name: str, caller: str) -> str:
+    """batchnorm_forward / batchnorm_backward / gradient_buckets / buffer_broadcast / other."""
+    kind = next((k for suffix, k in CALLERS if caller.replace("\\", "/").endswith(suffix)), "other")
+    if kind == "batchnorm":  # both SyncBNs gather statistics in forward and all-reduce gradient sums in backward
+        return "batchnorm_backward" if name == "all_reduce" else "batchnorm_forward"
+    return kind
 
 
 class CollectiveCounter:
-    """While entered (and enabled), counts calls of the torch.distributed collectives in COLLECTIVES, per name.
+    """While entered (and enabled), counts calls of the torch.distributed collectives in COLLECTIVES: per name
+    (`counts`), and calls and bytes sent per kind (`calls`, `bytes`; see collective_kind).
 
     What it cannot see: DDP's built-in gradient all-reduce (C++; `count_gradient_buckets` reroutes it), and
     collectives inside torch.compile'd graphs (throughput does not count under --compile, where the wrappers
@@ -37,7 +64,11 @@ class CollectiveCounter:
     """
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.counts, self.originals = enabled, collections.Counter(), {}
+        self.enabled, self.originals = enabled, {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts, self.calls, self.bytes = collections.Counter(), collections.Counter(), collections.Counter()
 
     def __enter__(self):
         for name in COLLECTIVES if self.enabled else ():
@@ -49,7 +80,11 @@ class CollectiveCounter:
     def counting(self, name: str, function):
         @functools.wraps(function)
         def counted(*args, **kwargs):
-            self.counts[name] += 1  # a Python int: counting adds no device work and no synchronisation
+            # Python ints from host metadata and the caller's file name: no device work, no synchronisation
+            kind = collective_kind(name, sys._getframe(1).f_code.co_filename)
+            self.counts[name] += 1
+            self.calls[kind] += 1
+            self.bytes[kind] += payload_bytes(name, args, kwargs)
             return function(*args, **kwargs)
 
         return counted
@@ -133,15 +168,16 @@ def run(args) -> dict | None:
     if not args.synthetic_input and not args.data_root:
         raise SystemExit("error: --data_root is required unless --synthetic_input is given")
     accelerator = Accelerator(step_scheduler_with_optimizer=False,  # train.py steps the scheduler per iteration
-                              dynamo_backend="inductor" if args.compile else None)
+                              dynamo_backend="inductor" if args.compile else None,
+                              kwargs_handlers=[training.ddp_kwargs(args.sync_batchnorm)])
     training.check_launch(accelerator)
     device, processes = accelerator.device, accelerator.num_processes
     set_seed(0)
-    # as training builds it (the weights do not change the speed); --no_sync_batchnorm: the SyncBN cost is the
+    # as training builds it (the weights do not change the speed); --sync_batchnorm off: the SyncBN cost is the
     # difference with the default run
-    model = training.create_model("none", args.channels_last, accelerator, sync_batchnorm=not args.no_sync_batchnorm)
+    model = training.create_model("none", args.channels_last, accelerator, args.sync_batchnorm)
     optimizer, scheduler = training.create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
-    sync_batchnorm = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    sync_batchnorm = training.batchnorm_kind(model)  # what runs: one process is plain BN ("off") whatever the flag
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     guard = StepGuard(accelerator, model, optimizer)  # training's non-finite check is part of the step
     count = args.count_collectives and not args.compile
@@ -164,14 +200,17 @@ def run(args) -> dict | None:
         accelerator.wait_for_everyone()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        counts_before, data_wait, start = counter.counts.copy(), 0.0, synchronize(device)
+        counter.reset()
+        data_wait, start = 0.0, synchronize(device)
         for _ in range(args.iters):
             t = time.perf_counter()
             batch = get_batch()
             data_wait += time.perf_counter() - t
             loss_sum += step(*batch)
         elapsed = synchronize(device) - start
-        per_step = {name: n / args.iters for name, n in (counter.counts - counts_before).items()}
+        per_step = {name: n / args.iters for name, n in counter.counts.items()}
+        by_kind = {kind: {"calls": n / args.iters, "bytes": counter.bytes[kind] / args.iters}
+                   for kind, n in sorted(counter.calls.items())}
     host_syncs = None
     if device.type == "cuda":  # after the clock: sync debug mode slows what it watches
         data_syncs = count_host_syncs(get_batch)
@@ -209,6 +248,8 @@ def run(args) -> dict | None:
         else "process max resident set, whole run (CPU)",
         "collectives_per_step": sum(per_step.values()) if count else None,
         "collectives_by_name": per_step if count else None,
+        "collectives_by_kind": by_kind if count else None,
+        "collective_bytes_per_step": sum(k["bytes"] for k in by_kind.values()) if count else None,
         "host_syncs_per_step": host_syncs,
         "loss_mean": loss_mean,
         "environment": env,
@@ -231,7 +272,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=50, help="timed iterations")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
-    parser.add_argument("--no_sync_batchnorm", action="store_true",
-                        help="plain BN on each process even on several GPUs (measures what SyncBN costs)")
+    parser.add_argument("--sync_batchnorm", choices=training.SYNC_BATCHNORM_CHOICES, default="ours",
+                        help="as train.py's: ours, torch (nn.SyncBatchNorm, CUDA only) or off (per-process BN: "
+                             "measures what SyncBN costs); one process runs plain BN whatever the choice")
     parser.add_argument("--no_count_collectives", dest="count_collectives", action="store_false",
                         help="keep DDP's built-in C++ gradient all-reduce (collectives are then not reported)")
