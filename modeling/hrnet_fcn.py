@@ -1,4 +1,4 @@
-"""HRNet-W18 + FCN head, parameter for parameter the reference fcn_hr18 network (RECIPE.md sections 2 and 3).
+"""HRNet-W18 + FCN head, parameter for parameter the reference fcn_hr18 network (docs/recipe.md sections 2 and 3).
 
     config = HRNetFCNConfig()                       # 19 Cityscapes classes, reference loss and fuse upsampling
     model = HRNetFCNForSemanticSegmentation(config)

@@ -20,13 +20,13 @@ from data import batch_to_device
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
 from modeling.reliability import DEFAULT_LOADER_TIMEOUT, StepGuard, explain_loader_errors, loader_kwargs
 
-# The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
+# The recipe (docs/recipe.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
 MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
 
 
 # -------------------------------------------------------------------------------------------------------- model
 def convert_to_sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when training on several CUDA processes (RECIPE.md section 5), else unchanged.
+    """BatchNorm -> SyncBatchNorm when training on several CUDA processes (docs/recipe.md section 5), else unchanged.
 
     Call it before `accelerator.prepare` (DDP must wrap the converted modules). SyncBatchNorm exists on CUDA only,
     and with one process it would only add overhead, so every other case is a no-op. The state dict keys stay the

@@ -5,7 +5,7 @@
 
 SRC is read with torch.load(weights_only=True): an mmcv checkpoint ({"meta", "state_dict", "optimizer"}: only
 "state_dict" is used) or a bare state dict with keys backbone.* / decode_head.*. Every key must map and every
-shape must fit (RECIPE.md section 2), otherwise the script stops and lists the offending keys. DST_DIR receives
+shape must fit (docs/recipe.md section 2), otherwise the script stops and lists the offending keys. DST_DIR receives
 config.json and model.safetensors.
 """
 

@@ -50,6 +50,8 @@ from modeling.checkpointing import (
     save_checkpoint,
     save_pretrained_atomically,
 )
+from modeling.cli import positive_int
+from modeling.cpu_threads import choose_cpu_threads
 from modeling.hrnet_fcn import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.inference import evaluate_segmentation
 from modeling.metrics import metrics_to_json
@@ -100,6 +102,14 @@ def load_train_data(args, data_root: Path, pipeline: str):
                           img_scale=train_img_scale(args, data_root))
 
 
+def default_crop_size(args, data_root: Path) -> list[int]:
+    """--crop_size when not given: the recipe's 512x1024, capped at a synthetic set's (smaller) image size."""
+    if args.dataset != "synthetic":
+        return [512, 1024]
+    width, height = train_img_scale(args, data_root)
+    return [min(height, 512), min(width, 1024)]
+
+
 def check_data(args, data_root: Path) -> None:
     """Cheap checks before anything heavy (cache, model): layout, complete PNGs, trainIds, a crop that fits."""
     try:
@@ -129,6 +139,17 @@ def prepare_data_root(args, accelerator) -> Path:
         prepare_cityscapes(root, build_cache=True)  # idempotent: labelTrainIds + the fast path's cache
     accelerator.wait_for_everyone()
     return root
+
+
+def set_cpu_threads(args, accelerator) -> None:
+    """CPU runs only: intra-op threads from the free cores and loader workers (or --cpu_threads), logged."""
+    if accelerator.device.type != "cpu":
+        return
+    workers = args.num_workers if default_pipeline(args, accelerator) == "reference" else 0  # busy workers
+    threads, reason = (args.cpu_threads, "--cpu_threads") if args.cpu_threads else \
+        choose_cpu_threads(workers, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+    accelerator.print(f"CPU threads: {threads} ({reason})")
 
 
 # --------------------------------------------------------------------------------------------- eval, checkpoint
@@ -277,6 +298,7 @@ def main(args) -> dict:
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.output_dir, dynamo_backend="inductor" if args.compile else None)
     check_launch(accelerator)
+    set_cpu_threads(args, accelerator)
     output_dir, device, rank = Path(args.output_dir), accelerator.device, accelerator.process_index
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
@@ -286,12 +308,15 @@ def main(args) -> dict:
     global_batch = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
     data_root = prepare_data_root(args, accelerator)
+    args.crop_size = args.crop_size or default_crop_size(args, data_root)
     check_data(args, data_root)
     train_set, train_on_device = load_train_data(args, data_root, default_pipeline(args, accelerator))
     val_data = get_val_data(data_root, split="val")
     sampler = create_sampler(train_set, accelerator, args.batch_size, args.seed, data_root)
 
     model = create_model(args.pretrained_backbone, args.channels_last, accelerator, sync_batchnorm=True)
+    # saved in config.json beside the weights: scripts/eval.py --checkpoint OUTPUT_DIR/final finds the data itself
+    model.config.training_data = {"dataset": args.dataset, "data_root": str(data_root.resolve())}
     optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     config = run_config(args, accelerator)
@@ -397,7 +422,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--pipeline", choices=("fast", "reference"), default=None,
                       help="training augmentation: fast = batched on the device (default on GPUs), reference = "
                            "per sample in the loader workers (default on the CPU)")
-    data.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    data.add_argument("--crop_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                      help="training crop (default: 512 1024, the recipe; --dataset synthetic: at most the images)")
     data.add_argument("--num_workers", type=int, default=2, help="loader workers per process (the reference: 2)")
     data.add_argument("--loader_timeout", type=float, default=DEFAULT_LOADER_TIMEOUT,
                       help="seconds to wait for one batch from the loader workers before stopping with an error")
@@ -412,6 +438,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed = parser.add_argument_group("speed (precision comes from the Accelerate config)")
     speed.add_argument("--channels_last", action="store_true")
     speed.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
+    speed.add_argument("--cpu_threads", type=positive_int, default=None, metavar="N",
+                       help="CPU runs: intra-op threads per process (default: auto, the cores left free by other "
+                            "jobs' load and the loader workers)")
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="out/train")
     run.add_argument("--eval_interval", type=int, default=1000, help="iterations (the benchmark: 1000); "

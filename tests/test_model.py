@@ -65,7 +65,7 @@ def test_parameter_count_and_reference_key_names(model):
     assert count(model.backbone) == 9_562_260
     assert count(model.decode_head) == 78_589
     keys = model.state_dict().keys()
-    assert sum(k.startswith("backbone.") for k in keys) == 1830  # RECIPE.md section 2
+    assert sum(k.startswith("backbone.") for k in keys) == 1830  # docs/recipe.md section 2
     assert {k for k in keys if k.startswith("decode_head.")} == {
         "decode_head.convs.0.conv.weight", "decode_head.conv_seg.weight", "decode_head.conv_seg.bias",
         *(f"decode_head.convs.0.bn.{name}" for name in
@@ -119,7 +119,7 @@ def _conv_gmacs(flop_counter: FlopCounterMode) -> float:
 
 
 def test_output_shape_and_macs_at_cityscapes_sizes(model):
-    # RECIPE.md section 2: ~36.9 GMAC (convolutions) at 512x1024, ~147.4 at 1024x2048.
+    # docs/recipe.md section 2: ~36.9 GMAC (convolutions) at 512x1024, ~147.4 at 1024x2048.
     with torch.no_grad(), FlopCounterMode(display=False) as flops:  # the training crop: one real forward
         assert model(torch.randn(1, 3, 512, 1024)).logits.shape == (1, 19, 128, 256)
     assert _conv_gmacs(flops) == pytest.approx(36.9, abs=0.06)
