@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import torch
 from accelerate.utils import broadcast_object_list
 
+from modeling import strict_json
 from modeling.errors import first_line
 from modeling.weights import check_state_dict
 
@@ -84,7 +85,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_json_durably(path: Path, obj: dict) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(strict_json.dumps(obj, indent=2))
         f.flush()
         os.fsync(f.fileno())
 

@@ -36,9 +36,10 @@ from data.checks import check_split_files
 from data.cityscapes import as_source, instance_ids_path, read_image, read_instance_ids, read_label
 from data.image_checks import open_image
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+from modeling import strict_json
 from modeling.cityscapes_metrics import CityscapesMetrics
 from modeling.cityscapes_metrics import markdown_table as official_table
-from modeling.cli import non_negative_int, positive_int, refuse_fp16_on_cpu
+from modeling.cli import HelpFormatter, non_negative_int, positive_int, refuse_fp16_on_cpu
 from modeling.errors import first_line
 from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
@@ -221,13 +222,13 @@ def main(args) -> dict:
                            Path(args.show_dir) / "class_iou.png", title=f"{args.split} per-class IoU")
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_json).write_text(json.dumps(results, indent=2))
+            Path(args.output_json).write_text(strict_json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     return results
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help="save_pretrained folder, or a reference mmseg .pth converted on the fly")
     what.add_argument("--predictions_dir", help="score <city>_<seq>_<frame>*.png prediction files instead")

@@ -41,6 +41,7 @@ from data.cityscapes import discover
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE
+from modeling import strict_json
 from modeling.benchmarking import WARMUP_ITERS, Clock, build_results, peak_memory_gib
 from modeling.checkpointing import (
     MIN_KEEP,
@@ -50,7 +51,7 @@ from modeling.checkpointing import (
     save_checkpoint,
     save_pretrained_atomically,
 )
-from modeling.cli import positive_int
+from modeling.cli import HelpFormatter, positive_int
 from modeling.cpu_threads import choose_cpu_threads
 from modeling.hrnet_fcn import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.inference import evaluate_segmentation
@@ -386,7 +387,7 @@ def main(args) -> dict:
     results = build_results(state, args.target_miou, accelerator, global_batch)
     if accelerator.is_main_process:
         write_model(accelerator, model, output_dir / "final")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "results.json").write_text(strict_json.dumps(results, indent=2))
     accelerator.print(f"done: final mIoU {results['final_miou']:.4f}, best {results['best_miou']:.4f}, "
                       f"{results['images_per_sec'] or math.nan:.2f} images/s; results in {output_dir}")
     shutdown(accelerator, preemption)
@@ -398,7 +399,7 @@ def log(accelerator, log_file: Path, record: dict, progress=None) -> None:
     accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
     if accelerator.is_main_process:
         with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json.dumps(record) + "\n")
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
@@ -412,7 +413,7 @@ def plot_curves(accelerator, log_file: Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("cityscapes", "synthetic"), default="cityscapes",
                       help="synthetic: generate a small Cityscapes-format set (under --data_root if given, else "

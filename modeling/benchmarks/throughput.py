@@ -6,7 +6,6 @@ import argparse
 import collections
 import functools
 import itertools
-import json
 import time
 import warnings
 
@@ -18,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from data import get_train_data
 from data.labels import IGNORE_INDEX, NUM_CLASSES
-from modeling import training
+from modeling import strict_json, training
 from modeling.benchmarking import environment, peak_memory_gib
 from modeling.reliability import StepGuard
 
@@ -218,7 +217,7 @@ def run(args) -> dict | None:
         "loss_mean": loss_mean,
         "environment": env,
     }
-    accelerator.print(json.dumps(results, indent=2))
+    accelerator.print(strict_json.dumps(results, indent=2))
     training.end_processes(accelerator)
     return results if accelerator.is_main_process else None
 
