@@ -1,8 +1,8 @@
-"""Train HRNet-W18 + FCN on Cityscapes with Hugging Face Accelerate: mmsegmentation's fcn_hr18 80k recipe.
+r"""Train HRNet-W18 + FCN on Cityscapes with Hugging Face Accelerate: mmsegmentation's fcn_hr18 80k recipe.
 
     # demo: a small synthetic dataset on the CPU (a few minutes)
     accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --dataset synthetic \
-        --pretrained_backbone none --lr 0.1 --crop_size 64 128 --max_iters 300 --output_dir out/demo
+        --pretrained_backbone none --lr 0.1 --max_iters 300 --eval_interval 50 --output_dir out/demo
     # the recipe: 8 GPUs x batch 2, fp16 (1 GPU: accelerate_configs/1gpu.yaml; precision comes from the config)
     accelerate launch --config_file accelerate_configs/8gpu_fp16.yaml scripts/train.py --data_root data/cityscapes
     # after a crash or preemption: the same command plus --resume_from_checkpoint latest

@@ -232,6 +232,10 @@ def test_two_processes_uneven_shards_give_identical_figures(tmp_path):
 
 # ------------------------------------------------------------------------- scripts/eval.py, scripts/infer.py
 # (Scripts and data are imported here, not at the top: the 2-process workers import this file; imports are slow.)
+def reject_constant(constant):
+    raise ValueError(f"{constant} in a JSON file: expected strict JSON (null)")
+
+
 @pytest.fixture(scope="module")
 def run_eval(load_script):
     """run_eval(*argv) -> scripts/eval.py main's results, on the CPU, in this process."""
@@ -278,7 +282,7 @@ def test_eval_checkpoint_matches_direct_evaluation_and_outputs(run_eval, citysca
     assert results["mean_iou"] == direct["mean_iou"] and results["num_images"] == 3
     np.testing.assert_array_equal(results["per_category_iou"], direct["per_category_iou"])
     assert 0 < direct["mean_iou"] < 1  # varied predictions: a meaningful comparison
-    saved = json.loads((tmp_path / "r.json").read_text())
+    saved = json.loads((tmp_path / "r.json").read_text(), parse_constant=reject_constant)  # strict JSON: null for NaN
     assert saved["class_names"][0] == "road" and len(saved["per_category_iou"]) == 19
     assert saved["mean_iou"] == results["mean_iou"]
     show = tmp_path / "show"
