@@ -126,10 +126,14 @@ def write_official_outputs(args, official: dict, class_names: list[str]) -> None
 
 def default_data_root(args) -> str:
     """--data_root when not given: the dataset a checkpoint of scripts/train.py was trained on (its config.json)."""
-    config = Path(args.checkpoint or "") / "config.json"
-    saved = json.loads(config.read_text()).get("training_data") if config.is_file() else None
-    if not saved or not saved.get("data_root"):
-        raise SystemExit("error: --data_root is required (the checkpoint does not name the dataset it was trained on)")
+    config = Path(args.checkpoint) / "config.json" if args.checkpoint else None
+    try:
+        saved = json.loads(config.read_text()).get("training_data") if config and config.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable: --checkpoint's own check names the problem later
+        saved = None
+    if not isinstance(saved, dict) or not saved.get("data_root"):
+        raise SystemExit("error: --data_root is required" + (" (the checkpoint does not name the dataset it was "
+                                                             "trained on)" if args.checkpoint else ""))
     if not Path(saved["data_root"]).is_dir():
         raise SystemExit(f"error: --data_root not given and the data root saved in {config}, {saved['data_root']}, "
                          "no longer exists: pass --data_root DIR")
