@@ -1,4 +1,4 @@
-"""Reference CPU transforms of the recipe (RECIPE.md section 4): mmseg v0.11's train pipeline on OpenCV.
+"""Reference CPU transforms of the recipe (docs/recipe.md section 4): mmseg v0.11's train pipeline on OpenCV.
 
 The train pipeline is factored as "draw parameters" + "apply parameters" so that the fast device-side path
 (data/fast.py) can be checked against it: `draw_params(rng, h, w)` draws everything a sample needs (scale ratio,

@@ -39,6 +39,7 @@ import torch
 from accelerate.utils import broadcast_object_list, load
 from safetensors import SafetensorError
 
+from modeling import strict_json
 from modeling.errors import first_line
 from modeling.weights import check_state_dict
 
@@ -111,7 +112,7 @@ def disk_writes():
 
 def _write_json_durably(path: Path, obj: dict) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(strict_json.dumps(obj, indent=2))
         f.flush()
         os.fsync(f.fileno())
 

@@ -64,3 +64,20 @@ def refuse_fp16_on_cpu(accelerator) -> None:
         raise SystemExit("error: the Accelerate config asks for mixed_precision fp16, which runs on GPUs only (on "
                          "the CPU Accelerate would silently run in fp32): use 'no' or 'bf16' (--mixed_precision, or "
                          "accelerate_configs/cpu.yaml)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the docstring as written and every option's default ("(default: 80000)"); None/False and
+    store_true options show none, and an option without a help text still shows its default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and self._get_help_string(action) is not None:
+            action = argparse.Action(action.option_strings, action.dest, nargs=action.nargs, default=action.default,
+                                     metavar=action.metavar, help="(default: %(default)s)",
+                                     choices=action.choices)
+        return super()._format_action(action)

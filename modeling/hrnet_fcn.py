@@ -1,4 +1,4 @@
-"""HRNet-W18 + FCN head, parameter for parameter the reference fcn_hr18 network (RECIPE.md sections 2 and 3).
+"""HRNet-W18 + FCN head, parameter for parameter the reference fcn_hr18 network (docs/recipe.md sections 2 and 3).
 
     config = HRNetFCNConfig()                       # 19 Cityscapes classes, reference loss and fuse upsampling
     model = HRNetFCNForSemanticSegmentation(config)
@@ -19,6 +19,7 @@ would cost a device sync per step) and make cross-entropy fail.
 
 from pathlib import Path
 
+import huggingface_hub
 import timm
 import torch
 import torch.nn.functional as F
@@ -269,16 +270,49 @@ def check_pretrained_source(source: str) -> None:
     _check_timm_tag(source)
 
 
+HUB_PROBE_TIMEOUT = 5.0  # seconds: huggingface_hub itself retries an unreachable hub for about a minute
+
+
+def _cached_hub_file(hub_id: str) -> str | None:
+    """The tag's weights file if it is already in the Hugging Face cache (no network needed), else None."""
+    for name in ("model.safetensors", "pytorch_model.bin"):  # timm's order
+        path = huggingface_hub.try_to_load_from_cache(hub_id, name)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (offline mode, DNS, no route, timeout), or None if it answers."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:  # one request, no retries: any HTTP answer means the hub is reachable
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except Exception as err:  # httpx/requests connection errors, timeouts, proxies refusing, ...
+        return f"{type(err).__name__}: {first_line(err)}"
+    return None
+
+
 def _timm_state_dict(tag: str) -> dict:
+    """timm's pretrained weights for `tag`: from the Hugging Face cache if there, else downloaded; fails in seconds
+    when the hub is unreachable, naming the alternatives."""
     _check_timm_tag(tag)
+    hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id or tag
+    cached = _cached_hub_file(hub_id)
+    if cached is not None:  # read directly: no request to the hub, so it works offline
+        return read_weights_file(cached)
+    alternatives = (f"Train from random initialisation with --pretrained_backbone none, or download "
+                    f"model.safetensors from https://huggingface.co/{hub_id} elsewhere and pass its path "
+                    "(--pretrained_backbone /path/to/model.safetensors)")
+    why = _hub_unreachable()
+    if why is not None:
+        raise FileNotFoundError(f"pretrained backbone {tag!r}: not in the Hugging Face cache and the hub "
+                                f"({huggingface_hub.constants.ENDPOINT}) is unreachable ({why}). {alternatives}")
     try:
         return timm.create_model(tag, pretrained=True).state_dict()
-    except Exception as err:  # offline: huggingface_hub's LocalEntryNotFoundError; proxies, timeouts, ...
-        hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id or tag
-        raise FileNotFoundError(
-            f"pretrained backbone {tag!r}: could not fetch timm's weights ({type(err).__name__}: {first_line(err)}). "
-            f"Without network access, download model.safetensors from https://huggingface.co/{hub_id} elsewhere "
-            f"and pass the file's path instead of the tag (HF_HUB_OFFLINE=1 makes this fail fast)") from err
+    except Exception as err:  # huggingface_hub's errors, proxies, timeouts, ...
+        raise FileNotFoundError(f"pretrained backbone {tag!r}: could not fetch timm's weights ({type(err).__name__}: "
+                                f"{first_line(err)}). {alternatives}") from err
 
 
 def load_pretrained_backbone(model: HRNetFCNForSemanticSegmentation, source: str | Path = DEFAULT_PRETRAINED) -> dict:

@@ -1,6 +1,6 @@
 """Segmentation inference (whole image, sliding window, multi-scale + flip) and the shared evaluation loop.
 
-`predict` reproduces mmsegmentation's test modes (RECIPE.md sections 4 and 6):
+`predict` reproduces mmsegmentation's test modes (docs/recipe.md sections 4 and 6):
 - "whole": one forward pass, logits (1/4 resolution) upsampled bilinearly (align_corners=False) to the output size;
 - "slide": crops of `crop_size` every `stride` pixels (the last crop of a row/column is shifted back inside the
   image; an image smaller than a crop is one smaller crop), each crop's logits upsampled to the crop, summed

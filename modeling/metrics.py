@@ -185,6 +185,7 @@ class MeanIoU:
 
 
 def metrics_to_json(metrics: dict) -> dict:
-    """The metric dict with numpy arrays and scalars as plain lists and floats, for json.dumps."""
+    """The metric dict with numpy arrays and scalars as plain lists and floats (NaN kept: modeling.strict_json
+    writes it as null)."""
     return {key: value.tolist() if isinstance(value, np.ndarray) else float(value) if isinstance(value, np.generic)
             else value for key, value in metrics.items()}

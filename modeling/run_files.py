@@ -1,5 +1,5 @@
 """A training run's own files in OUTPUT_DIR beside the checkpoints: the lock that keeps a second run out, and
-train_log.jsonl (one JSON record per line). Standard library only.
+train_log.jsonl (one JSON record per line, strict JSON).
 
     with OutputDirLock(output_dir):     # a second run into the same folder: OutputDirBusy naming the holder
         repair_log(log_file)            # a torn last line (a full disk during an append) is cut off
@@ -19,6 +19,8 @@ import os
 import socket
 import time
 from pathlib import Path
+
+from modeling import strict_json
 
 LOCK_FILE = ".train.lock"  # in OUTPUT_DIR; it stays there (an unlocked file is no lock)
 
@@ -96,7 +98,7 @@ def repair_log(log_file) -> str | None:
 
 def append_log(log_file, record: dict) -> None:
     with open(log_file, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(strict_json.dumps(record) + "\n")  # null, never NaN: strict parsers read it
 
 
 def read_log(log_file) -> list[dict]:

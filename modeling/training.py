@@ -24,7 +24,7 @@ from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, 
 from modeling.reliability import DEFAULT_LOADER_TIMEOUT, StepGuard, explain_loader_errors, loader_kwargs
 from modeling.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
-# The recipe (RECIPE.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
+# The recipe (docs/recipe.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
 MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
 
 
@@ -35,7 +35,7 @@ SYNC_BATCHNORM_CHOICES = ("ours", "torch", "off")
 
 
 def apply_sync_batchnorm(model: nn.Module, choice: str, accelerator) -> nn.Module:
-    """The BatchNorm that training runs, per --sync_batchnorm (RECIPE.md section 5: SyncBN on several GPUs).
+    """The BatchNorm that training runs, per --sync_batchnorm (docs/recipe.md section 5: SyncBN on several GPUs).
 
     Call it before `accelerator.prepare` (DDP must wrap the converted modules) and build the Accelerator with
     `ddp_kwargs(choice)`. "ours" on several processes of any device; "torch" on several CUDA processes (refused on

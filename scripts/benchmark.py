@@ -17,21 +17,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 
+from modeling import strict_json
 from modeling.benchmarks import data, inference, metric, model, report, throughput
+from modeling.cli import HelpFormatter
 
 
 def main(args) -> dict:
     results = args.run(args)
     if args.out and results is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(strict_json.dumps(results, indent=2))
     return results
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
     for name, module, help_text in [
         ("data", data, "CPU cost per training sample: the reference pipeline from PNGs vs the fast path"),
@@ -41,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("inference", inference, "images/s and latency per image of whole/slide/aug prediction, synthetic input"),
         ("report", report, "the benchmark table (ours beside the reference) and plots from runs' JSON"),
     ]:
-        sub = modes.add_parser(name, help=help_text, description=module.__doc__)
+        sub = modes.add_parser(name, help=help_text, description=module.__doc__, formatter_class=HelpFormatter)
         sub.set_defaults(run=module.run)
         sub.add_argument("--out", default=None, help="write the results JSON here")
         module.add_args(sub)

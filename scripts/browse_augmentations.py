@@ -21,7 +21,6 @@ real Cityscapes uses the recipe's (2048, 1024) x [0.5, 2).
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -41,6 +40,8 @@ from data.fast import DeviceAugment, draw_batch_params, select_crops
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE, MEAN, STD, resize_label, select_crop
+from modeling import strict_json
+from modeling.cli import HelpFormatter
 from modeling.errors import first_line
 from modeling.visualize import overlay
 
@@ -200,13 +201,13 @@ def main(args) -> dict:
                "indices": indices, "samples": samples}
     json_path = Path(args.output_json) if args.output_json else path.with_suffix(".json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=1))
+    json_path.write_text(strict_json.dumps(results, indent=1))
     print(f"{len(indices)} images x {len(columns)} pipeline(s) -> {path} ({size[0]}x{size[1]}), {json_path}")
     return results
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=("cityscapes", "synthetic"), default="cityscapes")
     parser.add_argument("--data_root", help="Cityscapes-layout folder (labelTrainIds prepared); for synthetic, "
                                             "where the set is (generated if missing)")

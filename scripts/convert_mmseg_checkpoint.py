@@ -5,7 +5,7 @@
 
 SRC is read with torch.load(weights_only=True): an mmcv checkpoint ({"meta", "state_dict", "optimizer"}: only
 "state_dict" is used) or a bare state dict with keys backbone.* / decode_head.*. Every key must map and every
-shape must fit (RECIPE.md section 2), otherwise the script stops and lists the offending keys. DST_DIR receives
+shape must fit (docs/recipe.md section 2), otherwise the script stops and lists the offending keys. DST_DIR receives
 config.json and model.safetensors.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, convert_mmseg_state_dict
+from modeling.cli import HelpFormatter
 from modeling.weights import read_weights_file
 
 
@@ -36,7 +37,7 @@ def main(args) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("src", type=Path, help="reference checkpoint (.pth) or a state dict (.pth/.safetensors)")
     parser.add_argument("dst", type=Path, help="output directory for save_pretrained")
     parser.add_argument("--fuse_upsample", choices=("bilinear", "nearest"), default="bilinear",

@@ -8,7 +8,7 @@
     python scripts/eval.py --checkpoint ... --data_root ... --confusion_matrix confusion_matrix.png
 
 --mode whole (default): full-resolution inference; slide: 512x1024 crops every 341x682 pixels; aug: ratios
-0.5..1.75 of 2048x1024 plus flips, softmax averaged (RECIPE.md section 4). Mixed precision follows the launch
+0.5..1.75 of 2048x1024 plus flips, softmax averaged (docs/recipe.md section 4). Mixed precision follows the launch
 config (or --mixed_precision). Prediction PNGs (`<city>_<seq>_<frame>*.png`, anywhere under --predictions_dir,
 trainIds or labelIds) are scored against the same labelTrainIds as a model. --metric_backend evaluate also runs
 HF evaluate's own `mean_iou` script (from the hub, or --metric_path DIR holding mean_iou.py) on the same
@@ -36,9 +36,10 @@ from data.checks import check_split_files
 from data.cityscapes import as_source, instance_ids_path, read_image, read_instance_ids, read_label
 from data.image_checks import open_image
 from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+from modeling import strict_json
 from modeling.cityscapes_metrics import CityscapesMetrics
 from modeling.cityscapes_metrics import markdown_table as official_table
-from modeling.cli import non_negative_int, positive_int, refuse_fp16_on_cpu
+from modeling.cli import HelpFormatter, non_negative_int, positive_int, refuse_fp16_on_cpu
 from modeling.errors import first_line
 from modeling.inference import add_inference_args, evaluate_segmentation, load_model, predict_options
 from modeling.metrics import MeanIoU, metrics_to_json
@@ -123,6 +124,23 @@ def write_official_outputs(args, official: dict, class_names: list[str]) -> None
                               title=f"{args.split}: confusion matrix (% of each ground-truth class)")
 
 
+def default_data_root(args) -> str:
+    """--data_root when not given: the dataset a checkpoint of scripts/train.py was trained on (its config.json)."""
+    config = Path(args.checkpoint) / "config.json" if args.checkpoint else None
+    try:
+        saved = json.loads(config.read_text()).get("training_data") if config and config.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable: --checkpoint's own check names the problem later
+        saved = None
+    if not isinstance(saved, dict) or not saved.get("data_root"):
+        raise SystemExit("error: --data_root is required" + (" (the checkpoint does not name the dataset it was "
+                                                             "trained on)" if args.checkpoint else ""))
+    if not Path(saved["data_root"]).is_dir():
+        raise SystemExit(f"error: --data_root not given and the data root saved in {config}, {saved['data_root']}, "
+                         "no longer exists: pass --data_root DIR")
+    print(f"--data_root {saved['data_root']} (the {saved.get('dataset', '')} data {args.checkpoint} was trained on)")
+    return saved["data_root"]
+
+
 def markdown_table(results: dict) -> str:
     rows = ["| class | IoU (%) | Acc (%) |", "|---|---:|---:|"]
     for name, iou, acc in zip(results["class_names"], results["per_category_iou"], results["per_category_accuracy"],
@@ -139,6 +157,7 @@ def main(args) -> dict:
         raise SystemExit("error: pass exactly one of --checkpoint and --predictions_dir")
     if args.format_only and (args.out_dir is None or args.checkpoint is None):
         raise SystemExit("error: --format_only needs --checkpoint and --out_dir")
+    args.data_root = args.data_root or default_data_root(args)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     refuse_fp16_on_cpu(accelerator)
     if args.metric_backend == "evaluate" and accelerator.num_processes > 1:
@@ -207,18 +226,19 @@ def main(args) -> dict:
                            Path(args.show_dir) / "class_iou.png", title=f"{args.split} per-class IoU")
         if args.output_json:
             Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_json).write_text(json.dumps(results, indent=2))
+            Path(args.output_json).write_text(strict_json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     return results
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help="save_pretrained folder, or a reference mmseg .pth converted on the fly")
     what.add_argument("--predictions_dir", help="score <city>_<seq>_<frame>*.png prediction files instead")
     what.add_argument("--pred_label_type", choices=["trainIds", "labelIds"], default="trainIds")
-    what.add_argument("--data_root", required=True, help="Cityscapes-layout folder (labelTrainIds prepared)")
+    what.add_argument("--data_root", help="Cityscapes-layout folder (labelTrainIds prepared); default: the one "
+                      "the --checkpoint folder was trained on (saved by scripts/train.py in its config.json)")
     what.add_argument("--split", default="val")
     infer = parser.add_argument_group("inference")
     add_inference_args(infer)

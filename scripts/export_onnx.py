@@ -18,7 +18,6 @@ first). Uses torch's TorchScript-based exporter (dynamo=False): the dynamo one n
 """
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling import strict_json
+from modeling.cli import HelpFormatter
 from modeling.errors import first_line
 from modeling.hrnet_fcn import MIN_INPUT_SIZE
 from modeling.inference import load_model
@@ -150,7 +151,7 @@ def main(args) -> dict:
                "onnxruntime": onnxruntime.__version__, "seed": args.seed}
     json_path = output_json_path(args)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2))
+    json_path.write_text(strict_json.dumps(results, indent=2))
     print(f"{out}: max |logit difference| {max_diff:.3g} (tolerance {limit:.3g}), argmax agreement "
           f"{results['argmax_agreement']:.4%} over {len(checks)} check(s) -> {json_path}")
     if not results["passed"]:
@@ -160,7 +161,7 @@ def main(args) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="save_pretrained folder (a training run's final/) or a reference mmseg .pth")
     parser.add_argument("--out", required=True, help="the .onnx file to write")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from data.image_checks import check_declared_size, read_photo
 from data.transforms import normalize
-from modeling.cli import refuse_fp16_on_cpu
+from modeling.cli import HelpFormatter, refuse_fp16_on_cpu
 from modeling.inference import add_inference_args, load_model, predict, predict_options
 from modeling.visualize import save_prediction_pictures
 
@@ -94,7 +94,7 @@ def main(args) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--checkpoint", required=True, help="save_pretrained folder or a reference mmseg .pth")
     parser.add_argument("--out_dir", required=True)

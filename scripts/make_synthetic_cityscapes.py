@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.synthetic import SPLITS, generate_cityscapes
+from modeling.cli import HelpFormatter
 
 
 def main(args) -> dict:
@@ -32,7 +33,8 @@ def main(args) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Write a synthetic Cityscapes-format dataset.")
+    parser = argparse.ArgumentParser(description="Write a synthetic Cityscapes-format dataset.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="dataset root to create (must not hold a dataset yet)")
     parser.add_argument("--num_train", type=int, default=8, help="images in train (>= 1)")
     parser.add_argument("--num_val", type=int, default=4, help="images in val (>= 1)")

@@ -10,7 +10,6 @@ Safe to interrupt and rerun: every file is written to a temporary name and renam
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.prepare import prepare_cityscapes
+from modeling import strict_json
+from modeling.cli import HelpFormatter
 
 
 def main(args) -> dict:
@@ -33,12 +34,12 @@ def main(args) -> dict:
     except (ValueError, FileNotFoundError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
     stats["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(stats, indent=2))
+    print(strict_json.dumps(stats, indent=2))
     return stats
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_root", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
     parser.add_argument("--nproc", type=int, default=1, help="worker processes")
     parser.add_argument("--cache", action="store_true", help="also build the fast-path uint8 cache")

@@ -1,8 +1,8 @@
-"""Train HRNet-W18 + FCN on Cityscapes with Hugging Face Accelerate: mmsegmentation's fcn_hr18 80k recipe.
+r"""Train HRNet-W18 + FCN on Cityscapes with Hugging Face Accelerate: mmsegmentation's fcn_hr18 80k recipe.
 
     # demo: a small synthetic dataset on the CPU (a few minutes)
     accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --dataset synthetic \
-        --pretrained_backbone none --lr 0.1 --crop_size 64 128 --max_iters 300 --output_dir out/demo
+        --pretrained_backbone none --lr 0.1 --max_iters 300 --eval_interval 50 --output_dir out/demo
     # the recipe: 8 GPUs x batch 2, fp16 (1 GPU: accelerate_configs/1gpu.yaml; precision comes from the config)
     accelerate launch --config_file accelerate_configs/8gpu_fp16.yaml scripts/train.py --data_root data/cityscapes
     # after a crash or preemption: the same command plus --resume_from_checkpoint latest
@@ -26,7 +26,6 @@ if __name__ == "__main__":  # SIGTERM / SIGUSR1 during the imports (seconds) wai
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -46,6 +45,7 @@ from data.cityscapes import discover
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE
+from modeling import strict_json
 from modeling.benchmarking import WARMUP_ITERS, Clock, build_results, peak_memory_gib
 from modeling.checkpointing import (
     MIN_KEEP,
@@ -55,7 +55,8 @@ from modeling.checkpointing import (
     save_checkpoint,
     save_pretrained_atomically,
 )
-from modeling.cli import finite_float, non_negative_int, positive_float, positive_int, seed_int
+from modeling.cli import HelpFormatter, finite_float, non_negative_int, positive_float, positive_int, seed_int
+from modeling.cpu_threads import choose_cpu_threads
 from modeling.errors import data_error_line
 from modeling.hrnet_fcn import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.inference import evaluate_segmentation
@@ -112,6 +113,14 @@ def load_train_data(args, data_root: Path, pipeline: str):
                           img_scale=train_img_scale(args, data_root))
 
 
+def default_crop_size(args, data_root: Path) -> list[int]:
+    """--crop_size when not given: the recipe's 512x1024, capped at a synthetic set's (smaller) image size."""
+    if args.dataset != "synthetic":
+        return [512, 1024]
+    width, height = train_img_scale(args, data_root)
+    return [min(height, 512), min(width, 1024)]
+
+
 def check_data(args, data_root: Path) -> None:
     """Cheap checks before anything heavy (cache, model): layout, complete PNGs, trainIds, a crop that fits."""
     try:
@@ -141,6 +150,17 @@ def prepare_data_root(args, accelerator) -> Path:
         prepare_cityscapes(root, build_cache=True)  # idempotent: labelTrainIds + the fast path's cache
     accelerator.wait_for_everyone()
     return root
+
+
+def set_cpu_threads(args, accelerator) -> None:
+    """CPU runs only: intra-op threads from the free cores and loader workers (or --cpu_threads), logged."""
+    if accelerator.device.type != "cpu":
+        return
+    workers = args.num_workers if default_pipeline(args, accelerator) == "reference" else 0  # busy workers
+    threads, reason = (args.cpu_threads, "--cpu_threads") if args.cpu_threads else \
+        choose_cpu_threads(workers, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+    accelerator.print(f"CPU threads: {threads} ({reason})")
 
 
 # --------------------------------------------------------------------------------------------- eval, checkpoint
@@ -323,6 +343,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
                               project_dir=args.output_dir, dynamo_backend="inductor" if args.compile else None,
                               kwargs_handlers=[ddp_kwargs(args.sync_batchnorm)])  # no buffer broadcast with SyncBN
     check_launch(accelerator)
+    set_cpu_threads(args, accelerator)
     output_dir, device, rank = Path(args.output_dir), accelerator.device, accelerator.process_index
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
@@ -332,6 +353,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
     global_batch = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
     data_root = prepare_data_root(args, accelerator)
+    args.crop_size = args.crop_size or default_crop_size(args, data_root)
     check_data(args, data_root)
     train_set, train_on_device = load_train_data(args, data_root, default_pipeline(args, accelerator))
     val_data = get_val_data(data_root, split="val")
@@ -339,6 +361,8 @@ def train(args, preemption: PreemptionFlag) -> dict:
 
     model = create_model(args.pretrained_backbone, args.channels_last, accelerator, args.sync_batchnorm)
     batchnorm = batchnorm_kind(model)  # what runs: one process is plain BN whatever the flag
+    # saved in config.json beside the weights: scripts/eval.py --checkpoint OUTPUT_DIR/final finds the data itself
+    model.config.training_data = {"dataset": args.dataset, "data_root": str(data_root.resolve())}
     optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     config = run_config(args, accelerator)
@@ -411,7 +435,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
     if accelerator.is_main_process:
         write_model(accelerator, model, output_dir / "final", state.iteration)
         try:
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            (output_dir / "results.json").write_text(strict_json.dumps(results, indent=2))
         except OSError as err:
             raise SystemExit(f"error: could not write {output_dir / 'results.json'} ({err}); the checkpoints and "
                              "final/ are intact: free space, then run the same command with --resume_from_checkpoint "
@@ -446,7 +470,7 @@ def plot_curves(accelerator, log_file: Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("cityscapes", "synthetic"), default="cityscapes",
                       help="synthetic: generate a small Cityscapes-format set (under --data_root if given, else "
@@ -456,7 +480,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--pipeline", choices=("fast", "reference"), default=None,
                       help="training augmentation: fast = batched on the device (default on GPUs), reference = "
                            "per sample in the loader workers (default on the CPU)")
-    data.add_argument("--crop_size", type=positive_int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    data.add_argument("--crop_size", type=positive_int, nargs=2, default=None, metavar=("H", "W"),
+                      help="training crop (default: 512 1024, the recipe; --dataset synthetic: at most the images)")
     data.add_argument("--num_workers", type=non_negative_int, default=2,
                       help="loader workers per process (the reference: 2)")
     data.add_argument("--loader_timeout", type=positive_float, default=DEFAULT_LOADER_TIMEOUT,
@@ -477,6 +502,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="BatchNorm over several processes: ours = statistics of the global batch, no host sync, "
                             "CPU and CUDA; torch = nn.SyncBatchNorm (CUDA only); off = per-process batch statistics. "
                             "One process: plain BN whatever the choice (README: BatchNorm)")
+    speed.add_argument("--cpu_threads", type=positive_int, default=None, metavar="N",
+                       help="CPU runs: intra-op threads per process (default: auto, the cores left free by other "
+                            "jobs' load and the loader workers)")
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="out/train")
     run.add_argument("--eval_interval", type=positive_int, default=1000, help="iterations (the benchmark: 1000); "

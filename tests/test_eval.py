@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,6 +225,10 @@ def test_two_processes_uneven_shards_give_identical_figures(tmp_path):
 
 # ------------------------------------------------------------------------- scripts/eval.py, scripts/infer.py
 # (Scripts and data are imported here, not at the top: the 2-process workers import this file; imports are slow.)
+def reject_constant(constant):
+    raise ValueError(f"{constant} in a JSON file: expected strict JSON (null)")
+
+
 @pytest.fixture(scope="module")
 def cityscapes(make_val_set, tmp_path_factory):
     """3 val + 1 test synthetic images of 64x128, labelTrainIds prepared, and a saved model with varied output."""
@@ -247,7 +252,7 @@ def test_eval_checkpoint_matches_direct_evaluation_and_outputs(run_eval, citysca
     assert results["mean_iou"] == direct["mean_iou"] and results["num_images"] == 3
     np.testing.assert_array_equal(results["per_category_iou"], direct["per_category_iou"])
     assert 0 < direct["mean_iou"] < 1  # varied predictions: a meaningful comparison
-    saved = json.loads((tmp_path / "r.json").read_text())
+    saved = json.loads((tmp_path / "r.json").read_text(), parse_constant=reject_constant)  # strict JSON: null for NaN
     assert saved["class_names"][0] == "road" and len(saved["per_category_iou"]) == 19
     assert saved["mean_iou"] == results["mean_iou"]
     show = tmp_path / "show"
@@ -277,7 +282,7 @@ def test_eval_checkpoint_matches_direct_evaluation_and_outputs(run_eval, citysca
 
 
 def test_trained_model_evaluates_to_what_training_reported(run_eval, cityscapes, tmp_path, monkeypatch,
-                                                           load_script):
+                                                           load_script, capsys):
     from accelerate.state import GradientState
 
     root, _ = cityscapes
@@ -290,8 +295,17 @@ def test_trained_model_evaluates_to_what_training_reported(run_eval, cityscapes,
         "--crop_size", "64", "128", "--batch_size", "1", "--num_workers", "0", "--pipeline", "reference",
         "--max_iters", "2", "--eval_interval", "2", "--checkpoint_interval", "2"]))
     GradientState._reset_state()
-    final = run_eval("--checkpoint", str(tmp_path / "run" / "final"), "--data_root", str(root))
+    capsys.readouterr()
+    final = run_eval("--checkpoint", str(tmp_path / "run" / "final"))  # the data root saved beside the model
+    assert f"--data_root {root.resolve()} (the cityscapes data" in capsys.readouterr().out
     assert final["mean_iou"] == reported["final_miou"]
+    # the saved root moved away: an error naming the saved root and the option
+    moved = shutil.copytree(tmp_path / "run" / "final", tmp_path / "moved")
+    config = json.loads((moved / "config.json").read_text())
+    config["training_data"]["data_root"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=f"saved in {moved / 'config.json'}, {tmp_path / 'gone'}, no longer exists"):
+        run_eval("--checkpoint", str(moved))
     np.testing.assert_array_equal(final["per_category_iou"], reported["final_metrics"]["per_category_iou"])
     best = run_eval("--checkpoint", str(tmp_path / "run" / "best"), "--data_root", str(root))
     assert best["mean_iou"] == reported["best_miou"]
@@ -340,6 +354,7 @@ def test_eval_errors_are_one_line(run_eval, cityscapes, tmp_path, monkeypatch):
         (["--checkpoint", str(tmp_path / "nothing"), "--data_root", str(root)], "checkpoint not found"),
         (["--predictions_dir", str(tmp_path / "preds"), "--data_root", str(root)], "no prediction for"),
         (["--checkpoint", str(ckpt), "--data_root", str(tmp_path)], "--data_root"),
+        (["--checkpoint", str(ckpt)], "--data_root is required \\(the checkpoint does not name the dataset"),
         (["--predictions_dir", str(tmp_path / "preds"), "--data_root", str(root), "--metric_backend", "evaluate"],
          "pass --metric_path"),
         (["--predictions_dir", str(tmp_path / "preds"), "--data_root", str(root), "--metric_backend", "evaluate",

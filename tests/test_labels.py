@@ -7,7 +7,7 @@ from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, 
 
 
 def test_train_ids_come_from_the_recipe_label_ids():
-    # RECIPE.md section 4: trainIds 0..18 come from these ids, in this order; everything else is ignored.
+    # docs/recipe.md section 4: trainIds 0..18 come from these ids, in this order; everything else is ignored.
     recipe_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
     assert NUM_CLASSES == 19
     assert [int(i) for i in TRAIN_ID_TO_ID[:NUM_CLASSES]] == recipe_ids

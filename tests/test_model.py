@@ -23,6 +23,7 @@ from modeling import (
     SyncBatchNorm,
     apply_sync_batchnorm,
     convert_mmseg_state_dict,
+    hrnet_fcn,
     load_pretrained_backbone,
     segmentation_loss,
     to_channels_last,
@@ -66,7 +67,7 @@ def test_parameter_count_and_reference_key_names(model):
     assert count(model.backbone) == 9_562_260
     assert count(model.decode_head) == 78_589
     keys = model.state_dict().keys()
-    assert sum(k.startswith("backbone.") for k in keys) == 1830  # RECIPE.md section 2
+    assert sum(k.startswith("backbone.") for k in keys) == 1830  # docs/recipe.md section 2
     assert {k for k in keys if k.startswith("decode_head.")} == {
         "decode_head.convs.0.conv.weight", "decode_head.conv_seg.weight", "decode_head.conv_seg.bias",
         *(f"decode_head.convs.0.bn.{name}" for name in
@@ -120,7 +121,7 @@ def _conv_gmacs(flop_counter: FlopCounterMode) -> float:
 
 
 def test_output_shape_and_macs_at_cityscapes_sizes(model):
-    # RECIPE.md section 2: ~36.9 GMAC (convolutions) at 512x1024, ~147.4 at 1024x2048.
+    # docs/recipe.md section 2: ~36.9 GMAC (convolutions) at 512x1024, ~147.4 at 1024x2048.
     with torch.no_grad(), FlopCounterMode(display=False) as flops:  # the training crop: one real forward
         assert model(torch.randn(1, 3, 512, 1024)).logits.shape == (1, 19, 128, 256)
     assert _conv_gmacs(flops) == pytest.approx(36.9, abs=0.06)
@@ -366,6 +367,7 @@ def test_load_pretrained_backbone_errors(tmp_path, imagenet_like, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(timm, "create_model", offline)  # the download path, without touching the network
+    monkeypatch.setattr(hrnet_fcn, "_hub_unreachable", lambda: None)  # as if the hub answered the probe
     with pytest.raises(FileNotFoundError, match="huggingface.co/timm/hrnet_w18.ms_in1k") as error:
         load_pretrained_backbone(model, "hrnet_w18.ms_in1k")
     assert "path" in str(error.value)

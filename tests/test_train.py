@@ -35,7 +35,7 @@ TINY = ["--pretrained_backbone", "none", "--crop_size", "64", "128", "--num_work
 
 
 def recipe_lr(iteration: int, max_iters: int, lr: float = 0.01) -> float:
-    """RECIPE.md section 5, written out independently of transformers."""
+    """docs/recipe.md section 5, written out independently of transformers."""
     return (lr - 1e-4) * (1 - iteration / max_iters) ** 0.9 + 1e-4
 
 

@@ -1,8 +1,9 @@
 """benchmark.py data: CPU cost per training sample, the reference pipeline from PNGs vs the fast path."""
 
 import argparse
-import json
 from pathlib import Path
+
+from modeling import strict_json
 
 
 def mmseg_style_sample(image_path: str, label_path: str, seed, crop_size=(512, 1024), img_scale=(2048, 1024),
@@ -186,7 +187,7 @@ def run(args) -> dict:
         "device_aug_ms_per_batch": round(aug_ms, 1), "device_aug_ms_per_sample": round(aug_ms / args.batch_size, 2),
         "loader_batch_size": args.loader_batch_size, "loader": loader,
     }
-    print(json.dumps(results, indent=2))
+    print(strict_json.dumps(results, indent=2))
     return results
 
 

@@ -1,13 +1,13 @@
 """benchmark.py model: forward+backward time of our model vs the bare timm backbone, on the same CPU input."""
 
 import argparse
-import json
 import time
 from statistics import median
 
 import timm
 import torch
 
+from modeling import strict_json
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 
 
@@ -64,7 +64,7 @@ def run(args) -> dict:
         "all_seconds": seconds,
         "all_cpu_seconds": cpu_seconds,
     }
-    print(json.dumps(results, indent=2))
+    print(strict_json.dumps(results, indent=2))
     return results
 
 

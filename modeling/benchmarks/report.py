@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from data.labels import CLASS_NAMES
+from modeling import strict_json
 from modeling.visualize import plot_class_iou, plot_images_per_sec, plot_miou_vs_time
 
 # The reference's published figures: the AI-Rank benchmark, result_v0.1, HRNet_W18 PyTorch sample (mmsegmentation
@@ -65,11 +66,6 @@ def percent(value):
     return None if value is None else 100.0 * value
 
 
-def none_for_nan(values):
-    # NaN (a class absent from the split) is not JSON: report.json holds null there
-    return None if values is None else [None if v is None or v != v else v for v in values]
-
-
 def run_row(run: dict, target_miou) -> dict:
     """One table row from a run's JSON; anything missing is None ('-' in the table)."""
     data = run["data"]
@@ -102,7 +98,7 @@ def run_row(run: dict, target_miou) -> dict:
             "batchnorm": batchnorm,
             "target_miou_pct": percent(target), "time_to_train_s": wall_s, "miou_pct": percent(miou),
             "best_miou_pct": percent(data.get("best_miou")), "final_miou_pct": percent(data.get("final_miou")),
-            "per_class_iou": none_for_nan(metrics.get("per_category_iou"))}
+            "per_class_iou": strict_json.json_safe(metrics.get("per_category_iou"))}  # NaN: null
 
 
 def add_speedups(rows: list) -> None:
@@ -278,7 +274,7 @@ def run(args) -> dict:
                "inference_runs": [{"run": run["name"], "path": run["path"], **row} for run in inference
                                   for row in run["data"]["rows"]],
                "reference": reference, "markdown": str(out_dir / "report.md"), "plots": plots}
-    (out_dir / "report.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "report.json").write_text(strict_json.dumps(results, indent=2))
     print((out_dir / "report.md").read_text())
     return results
 

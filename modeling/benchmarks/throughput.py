@@ -6,7 +6,6 @@ import argparse
 import collections
 import functools
 import itertools
-import json
 import sys
 import time
 import warnings
@@ -19,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from data import get_train_data
 from data.labels import IGNORE_INDEX, NUM_CLASSES
-from modeling import training
+from modeling import strict_json, training
 from modeling.benchmarking import environment, peak_memory_gib, synchronize
 from modeling.reliability import StepGuard
 
@@ -254,7 +253,7 @@ def run(args) -> dict | None:
         "loss_mean": loss_mean,
         "environment": env,
     }
-    accelerator.print(json.dumps(results, indent=2))
+    accelerator.print(strict_json.dumps(results, indent=2))
     training.end_processes(accelerator)
     return results if accelerator.is_main_process else None
 
