@@ -71,3 +71,11 @@ def test_single_process_configs_use_the_launcher_that_forwards_signals():
             assert config.distributed_type == DistributedType.MULTI_GPU, name
             assert "SIGUSR1" in config.mpirun_config["signals_to_handle"].split(","), name
             assert config.mpirun_config["shutdown_timeout"] >= 60, name
+
+
+def test_one_machine_configs_take_a_free_port():
+    # torchrun listens on main_process_port: a fixed one (29500) would make two jobs on one machine (two demos, two
+    # single-GPU runs) collide; 0 makes Accelerate pick a free one. Two machines must agree on one: a fixed port.
+    for name, (_, _, num_machines, *_) in EXPECTED.items():
+        port = load_config_from_file(str(CONFIG_DIR / name)).main_process_port
+        assert port == 0 if num_machines == 1 else port > 0, name

@@ -322,7 +322,8 @@ def test_benchmark_data_mode(load_script, tmp_path, root):
     assert results["fast_load_ms_per_sample"] > 0 and results["reference_ms_per_sample"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["num_images"] == 2
     timed = results["reference_vs_opencv_mmseg_way"]
-    assert timed["ratio"] == pytest.approx(timed["reference_cpu_ms"] / timed["opencv_cpu_ms"], rel=0.01)
+    # both ms figures are rounded to 0.01 ms, which at this tiny size moves their ratio by a few percent
+    assert timed["ratio"] == pytest.approx(timed["reference_cpu_ms"] / timed["opencv_cpu_ms"], rel=0.01, abs=0.05)
     # the baseline computes the same samples as the reference pipeline, the mmseg way (BGR, cv2 normalize)
     dataset, _ = data.get_train_data(root, "reference", crop_size=CROP, img_scale=SCALE)
     for i, row in enumerate(discover(root, "train")):
