@@ -4,21 +4,14 @@ A truncated PNG would otherwise surface hours into a run, inside a loader worker
 """
 
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data.cityscapes import read_pair
-from data.image_checks import MAX_PIXELS
+from data.image_checks import MAX_PIXELS, PNG_SIGNATURE, ihdr_size
 from data.transforms import rescale_size
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk type and CRC: the last 8 bytes of every complete PNG
-
-
-def png_problem(path: str) -> str | None:
-    """Why a file is not a complete PNG (None if it looks complete): reads 8 bytes at each end."""
-    return png_header(path)[0]
 
 
 def png_header(path: str) -> tuple[str | None, tuple[int, int] | None]:
@@ -34,13 +27,13 @@ def png_header(path: str) -> tuple[str | None, tuple[int, int] | None]:
         return f"unreadable ({err.strerror})", None
     if size == 0:
         return "empty file (0 bytes)", None
-    if head[:8] != _PNG_SIGNATURE:
+    if head[:8] != PNG_SIGNATURE:
         return "not a PNG (bad signature)", None
     if tail != _PNG_TRAILER:
         return f"truncated PNG (no IEND trailer; {size} bytes)", None
-    if head[12:16] != b"IHDR":
+    if (declared := ihdr_size(head)) is None:
         return "PNG without an IHDR header", None
-    width, height = struct.unpack(">II", head[16:24])
+    width, height = declared
     if width == 0 or height == 0 or width * height > MAX_PIXELS:
         return (f"the PNG declares {width}x{height} pixels (0, or beyond the {MAX_PIXELS / 1e6:.0f} M-pixel limit: "
                 "a decompression bomb?)"), None

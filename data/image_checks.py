@@ -22,15 +22,24 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RGB_CONVERTIBLE = ("1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 
 
+def ihdr_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first 24 bytes of a PNG (signature, then the IHDR chunk), None when there is no
+    complete IHDR chunk there."""
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
 def png_size(path) -> tuple[int, int] | None:
     """(width, height) that a PNG declares in its IHDR chunk (no decoding), None when the file is not a PNG."""
     with open(path, "rb") as f:
         head = f.read(24)
     if not head.startswith(PNG_SIGNATURE):
         return None
-    if len(head) < 24 or head[12:16] != b"IHDR":
+    size = ihdr_size(head)
+    if size is None:
         raise ValueError(f"{path}: PNG without an IHDR header; expected a complete PNG")
-    return struct.unpack(">II", head[16:24])
+    return size
 
 
 def _too_large(path, width: int, height: int, what: str) -> ValueError:

@@ -34,15 +34,13 @@ class Clock:
         self.steady_t0, self.steady_iter0, self.paused = None, None, 0.0
         self.steady_images0, self.steady_s0 = state.steady_images, state.steady_s
 
-    def sync(self) -> float:
-        return synchronize(self.device)
-
     def before_iteration(self, iteration: int) -> None:
         if iteration == self.warmup_until:
-            self.steady_t0, self.steady_iter0 = self.sync(), iteration
+            self.steady_t0, self.steady_iter0 = synchronize(self.device), iteration
 
     def pause(self) -> float:
-        return self.sync()
+        """The time at which the device finished the iterations so far: pass it to resume() after the pause."""
+        return synchronize(self.device)
 
     def resume(self, paused_at: float) -> None:
         self.paused += time.perf_counter() - paused_at
@@ -52,7 +50,7 @@ class Clock:
 
     def update(self, state, iteration: int, global_batch: int) -> None:
         """Write this launch's totals up to `iteration` (completed iterations) into `state`."""
-        now = self.sync()
+        now = synchronize(self.device)
         state.wall_s = self.wall0 + now - self.t0
         if self.steady_t0 is not None:
             state.steady_images = self.steady_images0 + (iteration - self.steady_iter0) * global_batch

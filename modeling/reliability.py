@@ -9,7 +9,6 @@ scheduler signals along with the training process, must not hang or kill the run
 `explain_loader_errors`.
 """
 
-import json
 import os
 import signal
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from modeling import strict_json
 from modeling.errors import first_line
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, relaunching the same command continues the run
@@ -72,8 +72,8 @@ def write_preemption_marker(output_dir, iteration: int, signum: int, checkpoint)
     """OUTPUT_DIR/preempted.json: lets a job script tell a preemption exit from a failure behind a launcher (which
     reports its own exit code 1 whatever its workers returned)."""
     path = Path(output_dir) / PREEMPTED_MARKER
-    path.write_text(json.dumps({"iteration": iteration, "signal": signal_name(signum), "checkpoint": str(checkpoint),
-                                "exit_code": EXIT_PREEMPTED}) + "\n")
+    path.write_text(strict_json.dumps({"iteration": iteration, "signal": signal_name(signum),
+                                       "checkpoint": str(checkpoint), "exit_code": EXIT_PREEMPTED}) + "\n")
     return path
 
 

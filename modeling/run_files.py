@@ -4,6 +4,7 @@ train_log.jsonl (one JSON record per line, strict JSON).
     with OutputDirLock(output_dir):     # a second run into the same folder: OutputDirBusy naming the holder
         repair_log(log_file)            # a torn last line (a full disk during an append) is cut off
         append_log(log_file, record); records = read_log(log_file)
+    with claimed_output_dir(output_dir):  # scripts/train.py: both on rank 0, a failure as one `error: ...` line
 
 Why flock: the kernel drops the lock when the holding process dies, however it dies (SIGKILL, OOM killer), so a
 killed run never leaves a stale lock behind and the relaunch needs no clean-up. On a network filesystem, flock
@@ -18,6 +19,7 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from modeling import strict_json
@@ -70,6 +72,30 @@ class OutputDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def claimed_output_dir(output_dir: Path):
+    """OUTPUT_DIR locked for the run by its main process (RANK 0; the lock dies with the process), a torn last line
+    of train_log.jsonl cut off; a folder in use or not writable is one line."""
+    if int(os.environ.get("RANK", "0")):  # rank 0 holds the lock for every process of the run
+        yield
+        return
+    lock = OutputDirLock(output_dir)
+    try:
+        lock.acquire()
+    except OutputDirBusy as err:
+        raise SystemExit(f"error: {err}") from None
+    except OSError as err:  # read-only filesystem, permissions
+        raise SystemExit(f"error: --output_dir {output_dir}: cannot write there ({err}); expected a writable "
+                         "folder") from None
+    try:
+        for line in (lock.warning, repair_log(output_dir / "train_log.jsonl")):
+            if line:
+                print(line if line.startswith("warning: ") else f"warning: {line}", flush=True)
+        yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------------- the log

@@ -41,7 +41,7 @@ from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE, MEAN, STD, resize_label, select_crop
 from modeling import strict_json
-from modeling.cli import HelpFormatter
+from modeling.cli import HelpFormatter, positive_int
 from modeling.errors import first_line
 from modeling.visualize import overlay
 
@@ -178,8 +178,6 @@ def plot_grid(columns: dict[str, list[dict]], crop_size, path: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
-    if args.num_samples < 1:
-        raise SystemExit(f"error: --num_samples {args.num_samples}: expected >= 1")
     if args.dataset == "cityscapes" and not args.data_root:
         raise SystemExit("error: --data_root is required with --dataset cityscapes (or use --dataset synthetic)")
     try:
@@ -214,7 +212,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic_size", type=int, nargs=2, default=(64, 128), metavar=("H", "W"),
                         help="image size of a generated synthetic set (train.py's demo set is 64x128)")
     parser.add_argument("--pipeline", nargs="+", choices=PIPELINES, default=list(PIPELINES))
-    parser.add_argument("--num_samples", type=int, default=6, help="training images shown (rows)")
+    parser.add_argument("--num_samples", type=positive_int, default=6, help="training images shown (rows)")
     parser.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0, help="chooses the images and seeds the augmentation draws")
     parser.add_argument("--out", default="augmentations.png", help="the grid PNG")

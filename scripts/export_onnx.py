@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling import strict_json
-from modeling.cli import HelpFormatter
+from modeling.cli import HelpFormatter, positive_int
 from modeling.errors import first_line
 from modeling.hrnet_fcn import MIN_INPUT_SIZE
 from modeling.inference import load_model
@@ -67,8 +67,6 @@ def check_sizes(args) -> None:
     if args.dynamic and (height % DYNAMIC_MULTIPLE or width % DYNAMIC_MULTIPLE):
         raise SystemExit(f"error: --input_size {height} {width}: with --dynamic, expected multiples of "
                          f"{DYNAMIC_MULTIPLE} (e.g. 1024 2048)")
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch_size {args.batch_size}: expected >= 1")
 
 
 def check_shapes(args) -> list[tuple[int, int, int, int]]:
@@ -168,7 +166,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_json", help="the check's results (default: OUT.json)")
     parser.add_argument("--input_size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"),
                         help="the exported size (static) or the traced and first checked size (--dynamic)")
-    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--batch_size", type=positive_int, default=1)
     parser.add_argument("--dynamic", action="store_true", help="free batch, H and W (multiples of 32)")
     parser.add_argument("--upsample", action="store_true",
                         help="also output `labels`: logits upsampled to the input size, argmax over classes")

@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -73,7 +72,7 @@ from modeling.reliability import (
     signal_name,
     write_preemption_marker,
 )
-from modeling.run_files import OutputDirBusy, OutputDirLock, append_log, read_log, repair_log
+from modeling.run_files import append_log, claimed_output_dir, read_log
 from modeling.training import (
     LR_END,
     POLY_POWER,
@@ -304,35 +303,11 @@ def shutdown(accelerator, preemption: PreemptionFlag) -> None:
     preemption.restore()
 
 
-@contextmanager
-def output_dir_claimed(output_dir: Path):
-    """OUTPUT_DIR locked for the run by its main process (RANK 0; the lock dies with the process), a torn last line
-    of train_log.jsonl cut off; a folder in use or not writable is one line."""
-    if int(os.environ.get("RANK", "0")):  # rank 0 holds the lock for every process of the run
-        yield
-        return
-    lock = OutputDirLock(output_dir)
-    try:
-        lock.acquire()
-    except OutputDirBusy as err:
-        raise SystemExit(f"error: {err}") from None
-    except OSError as err:  # read-only filesystem, permissions
-        raise SystemExit(f"error: --output_dir {output_dir}: cannot write there ({err}); expected a writable "
-                         "folder") from None
-    try:
-        for line in (lock.warning, repair_log(output_dir / "train_log.jsonl")):
-            if line:
-                print(line if line.startswith("warning: ") else f"warning: {line}", flush=True)
-        yield
-    finally:
-        lock.release()
-
-
 # --------------------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
     preemption = PreemptionFlag().install()  # first: SIGTERM / SIGUSR1 only set a flag, acted on between iterations
     check_args(args)
-    with output_dir_claimed(Path(args.output_dir)):  # a second run into the same folder is refused
+    with claimed_output_dir(Path(args.output_dir)):  # a second run into the same folder is refused
         return train(args, preemption)
 
 

@@ -8,12 +8,12 @@ done when its argmax is), the clock read only after the sync.
 """
 
 import argparse
-import json
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from modeling import strict_json
 from modeling.benchmarking import environment, peak_memory_gib, synchronize
 from modeling.benchmarks.report import PRECISION_NAMES, inference_markdown
 from modeling.cli import non_negative_int, positive_int, refuse_fp16_on_cpu
@@ -81,7 +81,7 @@ def run(args) -> dict:
                     rows.append({"mode": mode, "batch_size": batch_size, "precision": precision,
                                  "channels_last": channels_last, "compile": compiled, **figures(times, batch_size),
                                  "peak_memory_gib": peak_memory_gib(device)})
-                    accelerator.print(json.dumps(rows[-1]))
+                    accelerator.print(strict_json.dumps(rows[-1]))
     env = environment(accelerator)
     results = {"mode": "inference", "device": env["device"], "mixed_precision": accelerator.mixed_precision,
                "input_size": list(args.input_size), "checkpoint": args.checkpoint, "warmup": args.warmup,
