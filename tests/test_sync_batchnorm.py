@@ -202,7 +202,10 @@ def _worker(rank, world_size, init_file, results_dir):
                 break  # the other rank may now wait in a collective: stop rather than mismatch the next check
     finally:
         (results_dir / f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+        try:  # both ranks leave together: a rank that tears gloo down first can abort the other ("terminate called")
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
