@@ -41,7 +41,7 @@ from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
 from data.transforms import IMG_SCALE, MEAN, STD, resize_label, select_crop
 from modeling import strict_json
-from modeling.cli import HelpFormatter, positive_int
+from modeling.cli import HelpFormatter, positive_int, seed_int
 from modeling.errors import first_line
 from modeling.visualize import overlay
 
@@ -209,12 +209,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=("cityscapes", "synthetic"), default="cityscapes")
     parser.add_argument("--data_root", help="Cityscapes-layout folder (labelTrainIds prepared); for synthetic, "
                                             "where the set is (generated if missing)")
-    parser.add_argument("--synthetic_size", type=int, nargs=2, default=(64, 128), metavar=("H", "W"),
+    parser.add_argument("--synthetic_size", type=positive_int, nargs=2, default=(64, 128), metavar=("H", "W"),
                         help="image size of a generated synthetic set (train.py's demo set is 64x128)")
     parser.add_argument("--pipeline", nargs="+", choices=PIPELINES, default=list(PIPELINES))
     parser.add_argument("--num_samples", type=positive_int, default=6, help="training images shown (rows)")
-    parser.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
-    parser.add_argument("--seed", type=int, default=0, help="chooses the images and seeds the augmentation draws")
+    parser.add_argument("--crop_size", type=positive_int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    parser.add_argument("--seed", type=seed_int, default=0, help="chooses the images and seeds the augmentation draws")
     parser.add_argument("--out", default="augmentations.png", help="the grid PNG")
     parser.add_argument("--output_json", help="the drawn parameters (default: OUT with .json)")
     return parser

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling import strict_json
-from modeling.cli import HelpFormatter, positive_int
+from modeling.cli import HelpFormatter, finite_float, positive_int, seed_int
 from modeling.errors import first_line
 from modeling.hrnet_fcn import MIN_INPUT_SIZE
 from modeling.inference import load_model
@@ -164,16 +164,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="save_pretrained folder (a training run's final/) or a reference mmseg .pth")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--output_json", help="the check's results (default: OUT.json)")
-    parser.add_argument("--input_size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"),
+    parser.add_argument("--input_size", type=positive_int, nargs=2, default=(1024, 2048), metavar=("H", "W"),
                         help="the exported size (static) or the traced and first checked size (--dynamic)")
     parser.add_argument("--batch_size", type=positive_int, default=1)
     parser.add_argument("--dynamic", action="store_true", help="free batch, H and W (multiples of 32)")
     parser.add_argument("--upsample", action="store_true",
                         help="also output `labels`: logits upsampled to the input size, argmax over classes")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    parser.add_argument("--atol", type=float, default=1e-3, help="absolute part of the logit tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="part of the largest |logit| added to it")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
+    parser.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version")
+    parser.add_argument("--atol", type=finite_float, default=1e-3, help="absolute part of the logit tolerance")
+    parser.add_argument("--rtol", type=finite_float, default=1e-4, help="part of the largest |logit| added to it")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the random check inputs")
     return parser
 
 

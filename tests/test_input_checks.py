@@ -295,6 +295,24 @@ def test_numeric_arguments_are_checked_by_the_parser(script, argv, expected, cap
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {expected}")
 
 
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("export_onnx", ["--checkpoint", "c", "--out", "m.onnx", "--seed", "-1"],
+     "argument --seed: expected an integer in [0, 2**32), got -1"),
+    ("export_onnx", ["--checkpoint", "c", "--out", "m.onnx", "--atol", "nan"], "argument --atol: expected a finite"),
+    ("browse_augmentations", ["--crop_size", "0", "64"], "argument --crop_size: expected a positive integer, got 0"),
+    ("benchmark", ["throughput", "--iters", "0"], "argument --iters: expected a positive integer, got 0"),
+    ("benchmark", ["data", "--workers", "-1"], "argument --workers: expected an integer >= 0, got -1"),
+    ("benchmark", ["model", "--height", "0"], "argument --height: expected a positive integer, got 0"),
+    ("benchmark", ["metric", "--num_labels", "0"], "argument --num_labels: expected a positive integer, got 0"),
+])
+def test_tool_and_benchmark_arguments_are_checked_by_the_parser(script, argv, expected, capsys, load_script):
+    with pytest.raises(SystemExit) as info:
+        load_script(script).get_args_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert f"error: {expected}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 # -------------------------------------------------------------------------------------------------- scripts/eval.py
 @pytest.fixture
 def eval_script(load_script):

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from modeling import strict_json
+from modeling.cli import non_negative_int, positive_int
 
 
 def mmseg_style_sample(image_path: str, label_path: str, seed, crop_size=(512, 1024), img_scale=(2048, 1024),
@@ -194,13 +195,15 @@ def run(args) -> dict:
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_root", default=None, help="a prepared-or-not Cityscapes root (default: synthetic)")
     parser.add_argument("--work_dir", default=None, help="where to generate the synthetic data (default: a temp dir)")
-    parser.add_argument("--height", type=int, default=1024, help="synthetic image height")
-    parser.add_argument("--width", type=int, default=2048, help="synthetic image width")
-    parser.add_argument("--num_images", type=int, default=8, help="training images to measure on")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
-    parser.add_argument("--batch_size", type=int, default=16, help="batch of the device-side augmentation")
-    parser.add_argument("--loader_batch_size", type=int, default=2, help="DataLoader batch size (recipe: 2/GPU)")
-    parser.add_argument("--crop_size", type=int, nargs=2, default=[512, 1024], help="crop h w")
-    parser.add_argument("--img_scale", type=int, nargs=2, default=[2048, 1024], help="resize target (long, short)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the images")
-    parser.add_argument("--nproc", type=int, default=2, help="processes for label preparation and caching")
+    parser.add_argument("--height", type=positive_int, default=1024, help="synthetic image height")
+    parser.add_argument("--width", type=positive_int, default=2048, help="synthetic image width")
+    parser.add_argument("--num_images", type=positive_int, default=8, help="training images to measure on")
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="batch of the device-side augmentation")
+    parser.add_argument("--loader_batch_size", type=positive_int, default=2,
+                        help="DataLoader batch size (recipe: 2/GPU)")
+    parser.add_argument("--crop_size", type=positive_int, nargs=2, default=[512, 1024], help="crop h w")
+    parser.add_argument("--img_scale", type=positive_int, nargs=2, default=[2048, 1024],
+                        help="resize target (long, short)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the images")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="processes for label preparation and caching")

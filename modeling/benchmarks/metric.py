@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import torch
 
+from modeling.cli import positive_int, seed_int
 from modeling.metrics import MeanIoU, metrics_from_areas
 
 
@@ -107,10 +108,10 @@ def run(args) -> dict:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num_images", type=int, default=10)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--num_labels", type=int, default=19)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for the streaming metric")
+    parser.add_argument("--num_images", type=positive_int, default=10)
+    parser.add_argument("--height", type=positive_int, default=1024)
+    parser.add_argument("--width", type=positive_int, default=2048)
+    parser.add_argument("--num_labels", type=positive_int, default=19)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for the streaming metric")

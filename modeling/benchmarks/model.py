@@ -8,6 +8,7 @@ import timm
 import torch
 
 from modeling import strict_json
+from modeling.cli import non_negative_int, positive_int
 from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
 
 
@@ -69,9 +70,9 @@ def run(args) -> dict:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch_size", type=positive_int, default=2)
+    parser.add_argument("--height", type=positive_int, default=256)
+    parser.add_argument("--width", type=positive_int, default=512)
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed repetitions first")
+    parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions (the median is reported)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")

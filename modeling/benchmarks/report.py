@@ -8,6 +8,7 @@ from pathlib import Path
 
 from data.labels import CLASS_NAMES
 from modeling import strict_json
+from modeling.cli import finite_float
 from modeling.visualize import plot_class_iou, plot_images_per_sec, plot_miou_vs_time
 
 # The reference's published figures: the AI-Rank benchmark, result_v0.1, HRNet_W18 PyTorch sample (mmsegmentation
@@ -284,5 +285,5 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="train.py output directories (holding results.json), or results, throughput or "
                         "inference JSON files")
     parser.add_argument("--out_dir", default="out/benchmark_report", help="report.md, report.json and the plots")
-    parser.add_argument("--target_miou", type=float, default=None,
+    parser.add_argument("--target_miou", type=finite_float, default=None,
                         help="Time2train's mIoU as a fraction (default: each run's own --target_miou, else 0.7811)")

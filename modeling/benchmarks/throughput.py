@@ -20,6 +20,7 @@ from data import get_train_data
 from data.labels import IGNORE_INDEX, NUM_CLASSES
 from modeling import strict_json, training
 from modeling.benchmarking import environment, peak_memory_gib, synchronize
+from modeling.cli import non_negative_int, positive_int
 from modeling.reliability import StepGuard
 
 # torch.distributed functions that DDP (buffer broadcast), SyncBN and torch's Python comm hooks call through the
@@ -264,11 +265,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="random tensors made once on the device instead of data: the model's speed alone")
     parser.add_argument("--pipeline", choices=("fast", "reference"), default="fast",
                         help="training data path of data.get_train_data (fast: batched augmentation on the device)")
-    parser.add_argument("--num_workers", type=int, default=2, help="loader workers per process")
-    parser.add_argument("--batch_size", type=int, default=2, help="images per process (the reference: 2)")
-    parser.add_argument("--crop_size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
-    parser.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
-    parser.add_argument("--iters", type=int, default=50, help="timed iterations")
+    parser.add_argument("--num_workers", type=non_negative_int, default=2, help="loader workers per process")
+    parser.add_argument("--batch_size", type=positive_int, default=2, help="images per process (the reference: 2)")
+    parser.add_argument("--crop_size", type=positive_int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed iterations first")
+    parser.add_argument("--iters", type=positive_int, default=50, help="timed iterations")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) through Accelerate")
     parser.add_argument("--sync_batchnorm", choices=training.SYNC_BATCHNORM_CHOICES, default="ours",
