@@ -232,7 +232,7 @@ def test_the_private_torch_kernel_the_guard_relies_on():
 
 # --------------------------------------------------------------------------------------------------- data loading
 class Behaviour(Dataset):
-    """Index 0 hangs (sleep), dies (SIGKILL to itself) or gets a preemption signal and carries on."""
+    """Index 0 hangs (sleep) or dies (SIGKILL to itself)."""
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -245,9 +245,6 @@ class Behaviour(Dataset):
             time.sleep(15)
         if index == 0 and self.kind == "die":
             os.kill(os.getpid(), signal.SIGKILL)
-        if index == 0 and self.kind == "signalled":
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGUSR1)
         return index
 
 
@@ -271,24 +268,34 @@ def test_a_dead_worker_is_a_clear_error():
         iterate("die")
 
 
-def _iterate_into(kind: str, timeout: float, results) -> None:
-    try:
-        results["batches"] = [int(b) for b in iterate(kind, timeout)]
-    except Exception as err:  # reported to the test, which runs in another process
-        results["error"] = repr(err)
+SIGNALLED_LOADER = """
+import os, signal, sys
+from torch.utils.data import DataLoader, Dataset
+from modeling import reliability
+
+class Signalled(Dataset):  # index 0 gets both preemption signals from its own process and carries on
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if index == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return index
+
+loader = DataLoader(Signalled(), num_workers=1, **reliability.loader_kwargs(1, 60))
+print([int(b) for b in reliability.explain_loader_errors(loader, "training data", 60)])
+"""
 
 
 def test_workers_survive_preemption_signals():
-    # The loader runs in a fresh process, as in a training process: a worker forked from the pytest process after
-    # ~170 earlier tests (their loader and queue threads) was seen to die of its own SIGTERM (fork_server's note).
+    # A fresh interpreter, as a training process is. Forked from the pytest process (or from a fork server it shares
+    # with earlier tests) after ~170 other tests, the worker was seen to die of its own SIGTERM: its signal thread
+    # never took the signal. The cause is not found (closing note); a fresh process holds every time.
     # A generous timeout: on a loaded machine a short one can expire first and end the worker with the parent's SIGTERM.
-    context = fork_server()
-    with context.Manager() as manager:
-        results = manager.dict()
-        process = context.Process(target=_iterate_into, args=("signalled", 60, results))
-        process.start()
-        process.join(120)
-        assert process.exitcode == 0 and dict(results) == {"batches": [0, 1]}
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_LOADER], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr[-2000:]
     assert reliability.loader_kwargs(0) == {}  # no workers: nothing to wait for
 
 
