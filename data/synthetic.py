@@ -14,6 +14,8 @@ Everything is drawn from a numpy Generator seeded by (seed, split, index): the s
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -369,4 +371,20 @@ def generate_cityscapes(out_dir, num_train: int = 8, num_val: int = 4, num_test:
             stem = f"{city}_{i // len(cities):06d}_{FRAME:06d}"
             objects = street_scene(rng, height, width, _rare_groups(i, count, rng))
             write_image(root, split, city, stem, objects, height, width, rng)
+    return root
+
+
+def generate_cityscapes_atomically(root, **kwargs) -> Path:
+    """generate_cityscapes into a temporary folder beside `root`, then rename it to `root`: a crash never leaves a
+    half-written dataset. If another process made `root` meanwhile (the same deterministic set), ours is dropped."""
+    root = Path(root)
+    tmp = root.with_name(f".tmp-{root.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_cityscapes(tmp, **kwargs)
+    try:
+        tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not root.exists():
+            raise
     return root

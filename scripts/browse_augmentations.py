@@ -21,8 +21,6 @@ real Cityscapes uses the recipe's (2048, 1024) x [0.5, 2).
 """
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from data import get_train_data
 from data.cityscapes import discover, read_pair
 from data.fast import DeviceAugment, draw_batch_params, select_crops
 from data.prepare import prepare_cityscapes
-from data.synthetic import generate_cityscapes
+from data.synthetic import generate_cityscapes_atomically
 from data.transforms import IMG_SCALE, MEAN, STD, resize_label, select_crop
 from modeling import strict_json
 from modeling.cli import HelpFormatter, positive_int, seed_int
@@ -57,14 +55,9 @@ def synthetic_root(args) -> Path:
     """The synthetic set's folder, generated and prepared (labelTrainIds) if missing."""
     root = Path(args.data_root) if args.data_root else Path(args.out).resolve().parent / "synthetic_cityscapes"
     if not (root / "leftImg8bit").exists():
-        # a fixed set (seed 0; --seed picks images and draws from it), written beside and renamed: an interrupted
-        # run never leaves a half-written set behind
-        tmp = root.with_name(f".tmp-{root.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_cityscapes(tmp, num_train=max(args.num_samples, 8), num_val=1, num_test=0,
-                            height=args.synthetic_size[0], width=args.synthetic_size[1], seed=0)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(root)
+        # a fixed set (seed 0; --seed picks images and draws from it)
+        generate_cityscapes_atomically(root, num_train=max(args.num_samples, 8), num_val=1, num_test=0,
+                                       height=args.synthetic_size[0], width=args.synthetic_size[1], seed=0)
     prepare_cityscapes(root, progress=False)
     return root
 

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict
 
@@ -42,7 +41,7 @@ from data import get_train_data, get_val_data
 from data.checks import check_crop_fits, check_split_files
 from data.cityscapes import discover
 from data.prepare import prepare_cityscapes
-from data.synthetic import generate_cityscapes
+from data.synthetic import generate_cityscapes_atomically
 from data.transforms import IMG_SCALE
 from modeling import strict_json
 from modeling.benchmarking import WARMUP_ITERS, Clock, build_results, peak_memory_gib
@@ -138,14 +137,8 @@ def prepare_data_root(args, accelerator) -> Path:
         return Path(args.data_root)
     root = Path(args.data_root) if args.data_root else Path(args.output_dir) / "synthetic_cityscapes"
     if accelerator.is_main_process:
-        if not root.exists():  # generate beside, then rename: a crash never leaves a half-written dataset
-            tmp = root.with_name(f".tmp-{root.name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            generate_cityscapes(tmp, **SYNTHETIC)
-            try:
-                tmp.rename(root)
-            except OSError:  # another run generated the same deterministic set meanwhile
-                shutil.rmtree(tmp, ignore_errors=True)
+        if not root.exists():
+            generate_cityscapes_atomically(root, **SYNTHETIC)
         prepare_cityscapes(root, build_cache=True)  # idempotent: labelTrainIds + the fast path's cache
     accelerator.wait_for_everyone()
     return root
