@@ -1,6 +1,6 @@
 """What a training iteration is made of, shared by scripts/train.py and the throughput benchmark (which times it).
 
-    accelerator = Accelerator(kwargs_handlers=[ddp_kwargs(sync_batchnorm)], ...)  # sync_batchnorm: ours|torch|off
+    accelerator = Accelerator(kwargs_handlers=accelerator_kwargs(sync_batchnorm), ...)  # sync_batchnorm: ours|torch|off
     model = create_model(pretrained, channels_last, accelerator, sync_batchnorm)
     optimizer, scheduler = create_optimizer_and_scheduler(model, lr, max_iters)
     batches = train_batches(dataset, ResumableSampler(dataset, num_processes, rank, seed), batch_size, ...)
@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, GradScalerKwargs
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import get_polynomial_decay_schedule_with_warmup
@@ -26,6 +26,9 @@ from modeling.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 # The recipe (docs/recipe.md section 5): SGD on every parameter, poly decay to LR_END per iteration, no warmup.
 MOMENTUM, WEIGHT_DECAY, LR_END, POLY_POWER = 0.9, 5e-4, 1e-4, 0.9
+# fp16 starts at the reference's loss scale (mmcv's static 512, docs/recipe.md) instead of torch's 2**16, which
+# overflows the first steps of a fresh run; GradScaler's dynamic backoff and growth stay on.
+FP16_INIT_SCALE = 512.0
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -74,6 +77,11 @@ def ddp_kwargs(choice: str) -> DistributedDataParallelKwargs:
     return DistributedDataParallelKwargs(broadcast_buffers=choice == "off")
 
 
+def accelerator_kwargs(sync_batchnorm: str) -> list:
+    """The Accelerator's kwargs_handlers for training: DDP's settings (ddp_kwargs) and the fp16 loss scale."""
+    return [ddp_kwargs(sync_batchnorm), GradScalerKwargs(init_scale=FP16_INIT_SCALE)]
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Store conv weights NHWC (faster convolutions with cuDNN under AMP); feed inputs the same way."""
     return model.to(memory_format=torch.channels_last)
@@ -94,9 +102,25 @@ def create_model(pretrained: str, channels_last: bool, accelerator,
     return to_channels_last(model) if channels_last else model
 
 
+def create_sgd(parameters, lr: float, fused: bool = True) -> torch.optim.SGD:
+    """The recipe's SGD. fused: one kernel for the whole update, which also skips a non-finite update on the
+    device (reliability.py).
+
+    The momentum buffers start as zeros. torch's fused SGD allocates them with empty_like at its first step and
+    lets the kernel fill them; when that step is skipped (found_inf: fp16 overflow, or our non-finite guard) they
+    stay uninitialised memory and the next update uses them as momentum. With zeros the first applied update is
+    the one torch computes anyway (buffer = 0.9 * 0 + gradient).
+    """
+    parameters = list(parameters)
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
+    for p in parameters:
+        # Accelerate's prepare moves the state to the parameters' device along with the model
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
 def create_optimizer_and_scheduler(model, lr: float, max_iters: int):
-    # fused: one kernel for the whole update, which also skips a non-finite update on the device (reliability.py)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
+    optimizer = create_sgd(model.parameters(), lr)
     # transformers' poly schedule with warmup 0 is the recipe's lr(i) = (lr - LR_END) * (1 - i / N) ** 0.9 + LR_END.
     # It is stepped once per iteration by the loop (the Accelerator is built with step_scheduler_with_optimizer=
     # False): a prepared scheduler would otherwise step num_processes times per optimizer step, and skip steps

@@ -77,13 +77,13 @@ from modeling.training import (
     POLY_POWER,
     SYNC_BATCHNORM_CHOICES,
     TrainState,
+    accelerator_kwargs,
     augmentation_seed,
     batchnorm_kind,
     check_launch,
     create_model,
     create_optimizer_and_scheduler,
     create_sampler,
-    ddp_kwargs,
     end_processes,
     next_batch,
     train_batches,
@@ -309,7 +309,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
                               step_scheduler_with_optimizer=False,  # see create_optimizer_and_scheduler
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.output_dir, dynamo_backend="inductor" if args.compile else None,
-                              kwargs_handlers=[ddp_kwargs(args.sync_batchnorm)])  # no buffer broadcast with SyncBN
+                              kwargs_handlers=accelerator_kwargs(args.sync_batchnorm))  # DDP, fp16 scale
     check_launch(accelerator)
     set_cpu_threads(args, accelerator)
     output_dir, device, rank = Path(args.output_dir), accelerator.device, accelerator.process_index

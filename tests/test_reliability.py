@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from data import checks
 from modeling import reliability
 from modeling.reliability import NonFiniteError, PreemptionFlag, StepGuard
+from modeling.training import create_sgd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,8 +98,11 @@ def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_check(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ non-finite steps
-def tiny_run(steps, bad_steps=(), fused=True, mixed_precision="no", max_nonfinite_steps=3, skip=()):
-    """Train a conv+BN on fixed batches; the loss of `bad_steps` is multiplied by NaN; `skip` steps are not run.
+def tiny_run(steps, bad_steps=(), fused=True, mixed_precision="no", max_nonfinite_steps=3, skip=(),
+             overflow_steps=()):
+    """Train a conv+BN on fixed batches with the recipe's SGD (modeling.training.create_sgd); the loss of
+    `bad_steps` is multiplied by NaN, that of `overflow_steps` by 1e38 (finite, but its gradients overflow as an
+    fp16 run's do under a too large loss scale); `skip` steps are not run.
     mixed_precision "fp16-scaler": Accelerate's fp16 loss scaling as on a GPU (GradScaler, AcceleratedOptimizer
     stepping through it), on the CPU without fp16 autocast (Accelerate only builds a scaler for GPUs).
 
@@ -112,7 +116,7 @@ def tiny_run(steps, bad_steps=(), fused=True, mixed_precision="no", max_nonfinit
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+    optimizer = create_sgd(model.parameters(), lr=0.1, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
     guard = StepGuard(accelerator, model, optimizer, max_nonfinite_steps=max_nonfinite_steps, check_interval=1)
     batches = torch.randn(steps, 2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -123,7 +127,8 @@ def tiny_run(steps, bad_steps=(), fused=True, mixed_precision="no", max_nonfinit
                 continue
             with accelerator.autocast():
                 loss = model(batches[step]).square().mean()
-            accelerator.backward(loss * float("nan") if step in bad_steps else loss)
+            factor = float("nan") if step in bad_steps else 1e38 if step in overflow_steps else 1.0
+            accelerator.backward(loss * factor)
             guard.before_optimizer_step(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -151,6 +156,23 @@ def test_a_non_finite_step_is_not_applied_and_training_goes_on(fused, mixed_prec
     assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(params, clean_params, strict=True))  # the test can fail
+
+
+@pytest.mark.parametrize("fused, mixed_precision, bad", [(True, "no", "nan"), (False, "no", "nan"),
+                                                       (True, "fp16-scaler", "nan"), (True, "fp16-scaler", "overflow")],
+                         ids=["fused-nan", "unfused-nan", "fp16-scaler-nan", "fp16-scaler-overflow"])
+def test_a_skipped_first_step_leaves_no_trace(fused, mixed_precision, bad):
+    # Step 0 is where torch's fused SGD creates its momentum buffers (empty_like, filled by the kernel): a skipped
+    # step 0 once left them uninitialised and the next update used them (weights ~1e33). Every fresh fp16 run
+    # can overflow at step 0. The run must equal one that never had step 0, weights and momentum.
+    bad_steps = {"nan": {0}, "overflow": set()}[bad]
+    overflow_steps = {"nan": set(), "overflow": {0}}[bad]
+    params, momentum, guard, error = tiny_run(4, bad_steps=bad_steps, overflow_steps=overflow_steps, fused=fused,
+                                              mixed_precision=mixed_precision)
+    ref_params, ref_momentum, _, _ = tiny_run(4, skip={0}, fused=fused, mixed_precision=mixed_precision)
+    assert error is None and guard.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum, strict=True))
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16-scaler"])

@@ -169,7 +169,7 @@ def run(args) -> dict | None:
         raise SystemExit("error: --data_root is required unless --synthetic_input is given")
     accelerator = Accelerator(step_scheduler_with_optimizer=False,  # train.py steps the scheduler per iteration
                               dynamo_backend="inductor" if args.compile else None,
-                              kwargs_handlers=[training.ddp_kwargs(args.sync_batchnorm)])
+                              kwargs_handlers=training.accelerator_kwargs(args.sync_batchnorm))
     training.check_launch(accelerator)
     device, processes = accelerator.device, accelerator.num_processes
     set_seed(0)
