@@ -4,6 +4,7 @@
     python scripts/benchmark.py model --out out/bench_model.json      # our model vs the bare timm backbone
     python scripts/benchmark.py metric --out out/bench_metric.json    # streaming mIoU vs evaluate's way
     accelerate launch scripts/benchmark.py throughput ...             # the real training step, images/s
+    python scripts/benchmark.py loop --mixed_precision bf16           # our loop vs a plain PyTorch loop
     python scripts/benchmark.py inference --out out/bench_inf.json    # prediction images/s and latency
     python scripts/benchmark.py report RUN_DIR... --out_dir D         # the benchmark table and plots
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 
 from modeling import strict_json
-from modeling.benchmarks import data, inference, metric, model, report, throughput
+from modeling.benchmarks import data, inference, loop, metric, model, report, throughput
 from modeling.cli import HelpFormatter
 
 
@@ -39,6 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("model", model, "forward+backward time of our model vs the bare timm backbone (CPU)"),
         ("metric", metric, "CPU time per image of the streaming mIoU vs evaluate's mean_iou"),
         ("throughput", throughput, "images/s of the real training step (under accelerate launch)"),
+        ("loop", loop, "our training iteration vs a plain PyTorch loop of the same model, as a ratio"),
         ("inference", inference, "images/s and latency per image of whole/slide/aug prediction, synthetic input"),
         ("report", report, "the benchmark table (ours beside the reference) and plots from runs' JSON"),
     ]:

@@ -120,6 +120,29 @@ def count_host_syncs(function) -> int:
     return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
+def synthetic_batch(batch_size: int, crop_size, channels_last: bool, device: torch.device, seed: int = 0):
+    """A random (pixel_values, labels) batch made on the device: the model's speed without any data cost."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    height, width = crop_size
+    pixel_values = torch.randn(batch_size, 3, height, width, generator=generator, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size, height, width), generator=generator, device=device)
+    labels[:, :, : width // 8] = IGNORE_INDEX  # some ignored pixels, as in real labels
+    if channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    return pixel_values, labels
+
+
+def iteration_step(accelerator, model, optimizer, scheduler, guard):
+    """step(pixel_values, labels) -> loss: one iteration as train.py's loop runs it (gradient_accumulation_steps 1)."""
+    def step(pixel_values, labels) -> torch.Tensor:
+        loss = training.training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
+        guard.after_iteration()
+        scheduler.step()
+        return loss
+
+    return step
+
+
 def batch_source(args, accelerator):
     """get_batch() -> (pixel_values, labels) on the device, as the training loop gets them.
 
@@ -129,14 +152,8 @@ def batch_source(args, accelerator):
     """
     device, rank = accelerator.device, accelerator.process_index
     if args.synthetic_input:
-        generator = torch.Generator(device=device).manual_seed(rank)
-        height, width = args.crop_size
-        pixel_values = torch.randn(args.batch_size, 3, height, width, generator=generator, device=device)
-        labels = torch.randint(0, NUM_CLASSES, (args.batch_size, height, width), generator=generator, device=device)
-        labels[:, :, : width // 8] = IGNORE_INDEX  # some ignored pixels, as in real labels
-        if args.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return lambda: (pixel_values, labels)
+        batch = synthetic_batch(args.batch_size, args.crop_size, args.channels_last, device, seed=rank)
+        return lambda: batch
 
     try:
         dataset, on_device = get_train_data(args.data_root, pipeline=args.pipeline, crop_size=tuple(args.crop_size))
@@ -185,13 +202,7 @@ def run(args) -> dict | None:
         count_gradient_buckets(model)
     get_batch = batch_source(args, accelerator)
 
-    def step(pixel_values, labels) -> torch.Tensor:
-        """One iteration as train.py's loop runs it (gradient_accumulation_steps 1)."""
-        loss = training.training_step(model, optimizer, accelerator, guard, 0, pixel_values, labels)
-        guard.after_iteration()
-        scheduler.step()
-        return loss
-
+    step = iteration_step(accelerator, model, optimizer, scheduler, guard)
     model.train()
     loss_sum = torch.zeros((), device=device)
     with CollectiveCounter(enabled=count) as counter:
