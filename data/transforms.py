@@ -33,8 +33,9 @@ HUE_DELTA = 18  # shift drawn from randint(-18, 18), i.e. [-18, 17]
 
 # ---------------------------------------------------------------------------------------------------- normalize
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """A small constant on `device` without a host sync (torch.tensor(..., device=cuda) waits for the GPU)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """A small constant made on `device` by fill kernels, without a host sync: a copy from pageable host memory
+    (torch.tensor(..., device=cuda), even .to(non_blocking=True)) waits for the GPU to drain its queue."""
+    return torch.stack([torch.full((), value, dtype=dtype, device=device) for value in values])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
