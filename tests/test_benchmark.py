@@ -334,3 +334,43 @@ def test_inference_refuses_fp16_on_the_cpu_and_a_stride_beyond_the_crop(bench):
         AcceleratorState._reset_state(reset_partial_state=True)
         with pytest.raises(SystemExit, match=expected):
             bench.main(bench.get_args_parser().parse_args(["inference", "--cpu", *argv]))
+
+
+# ------------------------------------------------------------------------------------------------------------ loop
+def test_loop_mode_times_both_loops_and_profiles_them(bench, tmp_path):
+    # our iteration vs the plain PyTorch loop on the CPU at a tiny crop: the JSON's ratio is the median of the
+    # per-repetition ratios of its own block times, and the profile says where a step's time goes
+    out = tmp_path / "loop.json"
+    argv = ["loop", "--cpu", "--mixed_precision", "no", "--batch_size", "1", "--crop_size", "64", "128",
+            "--warmup", "1", "--iters", "1", "--reps", "3", "--profile", "--out", str(out)]
+    result = bench.main(bench.get_args_parser().parse_args(argv))
+    assert json.loads(out.read_text())["ratio_ours_to_plain"] == result["ratio_ours_to_plain"]
+    blocks = result["block_seconds"]
+    assert len(blocks["plain"]) == len(blocks["ours"]) == 3
+    ratios = sorted(p / o for p, o in zip(blocks["plain"], blocks["ours"], strict=True))
+    assert result["ratio_ours_to_plain"] == pytest.approx(ratios[1])
+    for name in ("plain", "ours"):
+        assert result["images_per_sec"][name] == pytest.approx(3 / sum(blocks[name]))
+        profile = result["profile_per_step"][name]
+        assert profile["kernels"] == 0 and profile["device_busy_ms"] == 0  # no device kernels on the CPU
+        assert 0 < profile["host_op_ms"] and 0 < profile["wall_ms"]
+        assert any("conv" in key for key, _, _ in profile["top_host"])
+
+
+def test_host_sync_sites_name_the_lines(monkeypatch):
+    # torch attributes each "synchronizing CUDA operation" warning to the Python line that made the call
+    import warnings
+
+    from modeling.benchmarks.throughput import host_sync_sites
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def work():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)  # first site, twice
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)  # second site
+        warnings.warn("something else", UserWarning, stacklevel=1)
+
+    sites = host_sync_sites(work)
+    line = work.__code__.co_firstlineno
+    assert sites == {f"{__file__}:{line + 2}": 2, f"{__file__}:{line + 3}": 1}

@@ -12,6 +12,7 @@ from statistics import median
 
 import torch
 from accelerate import Accelerator
+from torch.profiler import ProfilerActivity, profile
 
 from modeling import strict_json, training
 from modeling.benchmarking import environment, synchronize
@@ -66,6 +67,36 @@ def time_block(step, batch, iters: int, device: torch.device) -> float:
     return synchronize(device) - start
 
 
+def profile_steps(step, batch, device: torch.device, steps: int = 2, top: int = 15) -> dict:
+    """torch.profiler over `steps` iterations: is the step bound by the host (launching kernels) or the device?
+
+    Per step: wall time, device busy time (sum of kernel times; kernels overlap little in one stream), host time
+    spent in ops, number of kernels, and the ops with the most device and host time. Host-bound: wall ~ host time
+    and device busy << wall (then CUDA graphs / torch.compile pay); device-bound: busy ~ wall.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(*batch)
+        wall = synchronize(device) - start
+    events = prof.key_averages()
+
+    def per_step_ms(us: float) -> float:
+        return round(us / steps / 1e3, 3)
+
+    def ranked(key):
+        return [[e.key, per_step_ms(key(e)), e.count // steps] for e in sorted(events, key=key, reverse=True)[:top]]
+
+    device_time = [e for e in events if e.self_device_time_total > 0]
+    return {"wall_ms": per_step_ms(wall * 1e6),
+            "device_busy_ms": per_step_ms(sum(e.self_device_time_total for e in device_time)),
+            "host_op_ms": per_step_ms(sum(e.self_cpu_time_total for e in events)),
+            "kernels": sum(e.count for e in device_time) // steps,
+            "top_device": ranked(lambda e: e.self_device_time_total),
+            "top_host": ranked(lambda e: e.self_cpu_time_total)}
+
+
 def run(args) -> dict:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision,
                               dynamo_backend="inductor" if args.compile else None,
@@ -85,6 +116,7 @@ def run(args) -> dict:
         for name, step in steps.items():
             seconds[name].append(time_block(step, batch, args.iters, device))
     images = args.batch_size * args.iters
+    profiles = {name: profile_steps(step, batch, device) for name, step in steps.items()} if args.profile else None
     results = {
         "mode": "loop", "device": environment(accelerator)["device"], "mixed_precision": accelerator.mixed_precision,
         "batch_size": args.batch_size, "crop_size": list(args.crop_size), "channels_last": args.channels_last,
@@ -93,6 +125,7 @@ def run(args) -> dict:
         "images_per_sec": {name: images * len(s) / sum(s) for name, s in seconds.items()},
         "ratio_ours_to_plain": median(p / o for p, o in zip(seconds["plain"], seconds["ours"], strict=True)),
         "block_seconds": seconds,
+        "profile_per_step": profiles,
         "environment": environment(accelerator),
     }
     accelerator.print(strict_json.dumps(results, indent=2))
@@ -107,6 +140,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=positive_int, default=5, help="timed blocks of each loop, alternating")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) both loops")
+    parser.add_argument("--profile", action="store_true",
+                        help="also a torch.profiler summary of 2 steps of each loop (host- or device-bound?)")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="default: the accelerate launch config (fp16: GPU only)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")

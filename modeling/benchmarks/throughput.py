@@ -105,8 +105,9 @@ def count_gradient_buckets(model) -> None:
         ddp.register_comm_hook(state=None, hook=allreduce_hook)
 
 
-def count_host_syncs(function) -> int:
-    """Calls function() once with CUDA's sync debug mode on; returns the number of synchronizing CUDA calls.
+def host_sync_sites(function) -> dict[str, int]:
+    """Calls function() once with CUDA's sync debug mode on; returns {"file:line": count} of its synchronizing
+    CUDA calls. torch attributes each warning to the Python line that made the call, so the keys say where to look.
 
     torch's own caveat: not every synchronizing operation is flagged (torch.distributed's are not).
     """
@@ -117,7 +118,8 @@ def count_host_syncs(function) -> int:
             function()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+    return dict(collections.Counter(f"{w.filename}:{w.lineno}" for w in caught
+                                    if "synchronizing CUDA operation" in str(w.message)))
 
 
 def synthetic_batch(batch_size: int, crop_size, channels_last: bool, device: torch.device, seed: int = 0):
@@ -222,11 +224,10 @@ def run(args) -> dict | None:
         per_step = {name: n / args.iters for name, n in counter.counts.items()}
         by_kind = {kind: {"calls": n / args.iters, "bytes": counter.bytes[kind] / args.iters}
                    for kind, n in sorted(counter.calls.items())}
-    host_syncs = None
+    host_syncs = sites = None
     if device.type == "cuda":  # after the clock: sync debug mode slows what it watches
-        data_syncs = count_host_syncs(get_batch)
-        step_syncs = count_host_syncs(lambda: step(*batch))
-        host_syncs = {"data": data_syncs, "step": step_syncs}
+        sites = {"data": host_sync_sites(get_batch), "step": host_sync_sites(lambda: step(*batch))}
+        host_syncs = {part: sum(counts.values()) for part, counts in sites.items()}
 
     # the slowest process sets the pace of a synchronous data-parallel step
     mine = torch.tensor([[elapsed, data_wait, peak_memory_gib(device), loss_sum.item()]], device=device,
@@ -262,6 +263,7 @@ def run(args) -> dict | None:
         "collectives_by_kind": by_kind if count else None,
         "collective_bytes_per_step": sum(k["bytes"] for k in by_kind.values()) if count else None,
         "host_syncs_per_step": host_syncs,
+        "host_sync_sites": sites,
         "loss_mean": loss_mean,
         "environment": env,
     }
