@@ -1,4 +1,4 @@
-"""Reliability of long training runs: preemption, non-finite steps, data-loader failures (README: Reliability).
+"""Reliability of long training runs: preemption, non-finite steps, data-loader failures (docs/reliability.md).
 
 Why it is built this way: a signal handler may only set a flag, and no rank may stop alone (the others would wait
 for it in the next collective), so every `check_interval` iterations all ranks all-reduce one tiny tensor holding

@@ -6,7 +6,7 @@ r"""Train HRNet-W18 + FCN on Cityscapes with Hugging Face Accelerate: mmsegmenta
     # the recipe: 8 GPUs x batch 2, fp16 (1 GPU: accelerate_configs/1gpu.yaml; precision comes from the config)
     accelerate launch --config_file accelerate_configs/8gpu_fp16.yaml scripts/train.py --data_root data/cityscapes
     # after a crash or preemption: the same command plus --resume_from_checkpoint latest
-    # SIGTERM / SIGUSR1: the iteration finishes, a checkpoint is saved, exit code 75 (README: Reliability)
+    # SIGTERM / SIGUSR1: the iteration finishes, a checkpoint is saved, exit code 75 (docs/reliability.md)
 
 Accelerate owns the devices, DDP, mixed precision and the gradient scaler; this script owns the recipe. The loop
 counts iterations (optimizer steps; one iteration = gradient_accumulation_steps micro-batches per process), not
@@ -469,7 +469,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--sync_batchnorm", choices=SYNC_BATCHNORM_CHOICES, default="ours",
                        help="BatchNorm over several processes: ours = statistics of the global batch, no host sync, "
                             "CPU and CUDA; torch = nn.SyncBatchNorm (CUDA only); off = per-process batch statistics. "
-                            "One process: plain BN whatever the choice (README: BatchNorm)")
+                            "One process: plain BN whatever the choice (docs/batchnorm.md)")
     speed.add_argument("--cpu_threads", type=positive_int, default=None, metavar="N",
                        help="CPU runs: intra-op threads per process (default: auto, the cores left free by other "
                             "jobs' load and the loader workers)")
