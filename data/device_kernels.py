@@ -75,9 +75,9 @@ def convert(x: torch.Tensor, alpha=1.0, beta=0.0) -> torch.Tensor:
 def _hsv_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
     """OpenCV's sdiv_table / hdiv_table180: round((255 << 12) / i), round((180 << 12) / (6 i)), entry 0 = 0."""
     i = torch.arange(256, dtype=torch.float64, device=device)
-    sdiv = torch.round((255 << _HSV_SHIFT) / i)
-    hdiv = torch.round((180 << _HSV_SHIFT) / (6 * i))
-    sdiv[0] = hdiv[0] = 0
+    # entry 0 by torch.where, not item assignment (a scalar written into a device tensor may wait for the GPU)
+    sdiv = torch.where(i == 0, 0.0, torch.round((255 << _HSV_SHIFT) / i))
+    hdiv = torch.where(i == 0, 0.0, torch.round((180 << _HSV_SHIFT) / (6 * i)))
     return sdiv.int(), hdiv.int()
 
 
