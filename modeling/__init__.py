@@ -7,10 +7,10 @@ modeling.checkpointing, modeling.visualize) does not import timm and transformer
 import importlib
 
 _LAZY = {
-    "DEFAULT_PRETRAINED": "modeling.hrnet_fcn",
+    "DEFAULT_PRETRAINED": "modeling.pretrained",
     "HRNetFCNConfig": "modeling.hrnet_fcn",
     "HRNetFCNForSemanticSegmentation": "modeling.hrnet_fcn",
-    "load_pretrained_backbone": "modeling.hrnet_fcn",
+    "load_pretrained_backbone": "modeling.pretrained",
     "segmentation_loss": "modeling.hrnet_fcn",
     "convert_mmseg_state_dict": "modeling.convert",
     "apply_sync_batchnorm": "modeling.training",

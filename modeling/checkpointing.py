@@ -31,6 +31,7 @@ import pickle
 import platform
 import re
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -338,13 +339,16 @@ def _unreadable_rng_states(path: Path, rank: int) -> str | None:
     return None
 
 
-def save_pretrained_atomically(model, out_dir) -> Path:
-    """`model.save_pretrained` into a temporary folder beside out_dir, then swap it in (call on one process)."""
+def save_pretrained_atomically(model, out_dir, add_files: Callable[[Path], None] | None = None) -> Path:
+    """`model.save_pretrained` into a temporary folder beside out_dir, then swap it in (call on one process).
+    `add_files(tmp)` writes more files into the folder before the swap (the processor, the model card)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     with disk_writes():
         model.save_pretrained(tmp)
+        if add_files is not None:
+            add_files(tmp)
     for file in tmp.iterdir():
         _sha256_and_fsync(file)
     _fsync_dir(tmp)

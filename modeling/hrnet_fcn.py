@@ -2,8 +2,13 @@
 
     config = HRNetFCNConfig()                       # 19 Cityscapes classes, reference loss and fuse upsampling
     model = HRNetFCNForSemanticSegmentation(config)
-    load_pretrained_backbone(model, "hrnet_w18.ms_in1k")      # or a local .safetensors / .pth / .pt file
     out = model(pixel_values, labels=labels)        # out.logits at 1/4 of the input size, out.loss
+    model.save_pretrained(folder)                   # weights, config and this file: loads without this repository
+
+This file is self-contained on purpose: both classes are registered for transformers' Auto classes, so
+`save_pretrained` copies this file into the saved folder and `AutoModelForSemanticSegmentation.from_pretrained(
+folder, trust_remote_code=True)` runs it there, where this repository is not importable. It imports torch, timm
+and transformers only (pretrained backbones: modeling/pretrained.py).
 
 The backbone is timm's `hrnet_w18` features model (the four raw branches, 18/36/72/144 channels at strides
 4/8/16/32); only its fusion is changed: lower-resolution branches are upsampled bilinearly (align_corners=False)
@@ -17,9 +22,6 @@ logits are upsampled to it), values in [0, num_labels) or `ignore_index`; values
 would cost a device sync per step) and make cross-entropy fail.
 """
 
-from pathlib import Path
-
-import huggingface_hub
 import timm
 import torch
 import torch.nn.functional as F
@@ -29,22 +31,21 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from data.labels import ID2LABEL, IGNORE_INDEX, NUM_CLASSES
-from modeling.errors import first_line
-from modeling.weights import WEIGHT_FILE_SUFFIXES, check_state_dict, is_weights_file, read_weights_file
-
 BACKBONE = "hrnet_w18"
 OUT_INDICES = (1, 2, 3, 4)  # the four branches; index 0 would be the stride-2 stem
-DEFAULT_PRETRAINED = "hrnet_w18.ms_in1k"  # the MSRA ImageNet weights the reference started from
 MIN_INPUT_SIZE = 32  # one pixel in the stride-32 branch
-# Keys of timm's (and MSRA's) classification checkpoints that the features model does not have.
-_CLASSIFICATION_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")
+IGNORE_INDEX = 255
+# The 19 Cityscapes training classes in trainId order. Written out here because a saved folder runs this file
+# without data/labels.py (which reads them from cityscapesscripts); tests/test_model.py checks the two agree.
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
 
 
 class HRNetFCNConfig(PretrainedConfig):
     """Configuration of HRNetFCNForSemanticSegmentation. Defaults reproduce the reference.
 
-    num_labels: 19 by default (Cityscapes trainIds, names from cityscapesscripts in `id2label`).
+    num_labels: 19 by default (Cityscapes trainIds, their names in `id2label`).
     ignore_index: label value excluded from the loss (255).
     loss_average: "all" = mean over all label pixels, ignored ones included with loss 0 (the reference);
         "valid" = mean over non-ignored pixels (PyTorch's default; 0 instead of NaN when every pixel is ignored).
@@ -58,9 +59,9 @@ class HRNetFCNConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.id2label is None:  # default: the 19 Cityscapes classes; another count gets generic names
-            num_labels = kwargs.pop("num_labels", NUM_CLASSES)
-            self.id2label = dict(ID2LABEL) if num_labels == NUM_CLASSES else {i: f"LABEL_{i}" for i in
-                                                                             range(num_labels)}
+            num_labels = kwargs.pop("num_labels", len(CITYSCAPES_CLASSES))
+            self.id2label = dict(enumerate(CITYSCAPES_CLASSES)) if num_labels == len(CITYSCAPES_CLASSES) else {
+                i: f"LABEL_{i}" for i in range(num_labels)}
         super().__post_init__(**kwargs)
         if self.label2id is None:
             self.label2id = {name: i for i, name in self.id2label.items()}
@@ -240,97 +241,7 @@ class HRNetFCNForSemanticSegmentation(PreTrainedModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits)
 
 
-# ---------------------------------------------------------------------------------------------------- pretrained
-def _backbone_state_dict(state_dict: dict) -> tuple[dict, list[str]]:
-    """Keep the backbone's keys, named as timm's features model; return them and the keys left out on purpose."""
-    if any(k.startswith("backbone.") for k in state_dict):  # a reference checkpoint or one of our own models
-        dropped = [k for k in state_dict if k.startswith(("decode_head.", "auxiliary_head."))]
-        kept = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k not in dropped}
-    else:  # timm's or MSRA's classification layout
-        dropped = [k for k in state_dict if k.startswith(_CLASSIFICATION_PREFIXES)]
-        kept = {k: v for k, v in state_dict.items() if k not in dropped}
-    return kept, dropped
-
-
-def _check_timm_tag(tag: str) -> None:
-    if tag not in timm.list_pretrained():
-        raise ValueError(f"--pretrained_backbone {tag!r}: neither a weights file ({', '.join(WEIGHT_FILE_SUFFIXES)}), "
-                         f"nor a timm pretrained tag such as {', '.join(timm.list_pretrained(BACKBONE + '.*'))}, "
-                         "nor 'none'")
-
-
-def check_pretrained_source(source: str) -> None:
-    """'none', an existing local weights file, or a known timm pretrained tag; nothing is downloaded."""
-    if source == "none":
-        return
-    if is_weights_file(source):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"--pretrained_backbone {source}: no such weights file")
-        return
-    _check_timm_tag(source)
-
-
-HUB_PROBE_TIMEOUT = 5.0  # seconds: huggingface_hub itself retries an unreachable hub for about a minute
-
-
-def _cached_hub_file(hub_id: str) -> str | None:
-    """The tag's weights file if it is already in the Hugging Face cache (no network needed), else None."""
-    for name in ("model.safetensors", "pytorch_model.bin"):  # timm's order
-        path = huggingface_hub.try_to_load_from_cache(hub_id, name)
-        if isinstance(path, str):
-            return path
-    return None
-
-
-def _hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (offline mode, DNS, no route, timeout), or None if it answers."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:  # one request, no retries: any HTTP answer means the hub is reachable
-        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
-    except Exception as err:  # httpx/requests connection errors, timeouts, proxies refusing, ...
-        return f"{type(err).__name__}: {first_line(err)}"
-    return None
-
-
-def _timm_state_dict(tag: str) -> dict:
-    """timm's pretrained weights for `tag`: from the Hugging Face cache if there, else downloaded; fails in seconds
-    when the hub is unreachable, naming the alternatives."""
-    _check_timm_tag(tag)
-    hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id or tag
-    cached = _cached_hub_file(hub_id)
-    if cached is not None:  # read directly: no request to the hub, so it works offline
-        return read_weights_file(cached)
-    alternatives = (f"Train from random initialisation with --pretrained_backbone none, or download "
-                    f"model.safetensors from https://huggingface.co/{hub_id} elsewhere and pass its path "
-                    "(--pretrained_backbone /path/to/model.safetensors)")
-    why = _hub_unreachable()
-    if why is not None:
-        raise FileNotFoundError(f"pretrained backbone {tag!r}: not in the Hugging Face cache and the hub "
-                                f"({huggingface_hub.constants.ENDPOINT}) is unreachable ({why}). {alternatives}")
-    try:
-        return timm.create_model(tag, pretrained=True).state_dict()
-    except Exception as err:  # huggingface_hub's errors, proxies, timeouts, ...
-        raise FileNotFoundError(f"pretrained backbone {tag!r}: could not fetch timm's weights ({type(err).__name__}: "
-                                f"{first_line(err)}). {alternatives}") from err
-
-
-def load_pretrained_backbone(model: HRNetFCNForSemanticSegmentation, source: str | Path = DEFAULT_PRETRAINED) -> dict:
-    """Load ImageNet (or other) weights into `model.backbone`; the head keeps its initialisation.
-
-    `source`: a timm pretrained tag ("hrnet_w18.ms_in1k", the reference's MSRA weights; "hrnet_w18.ms_aug_in1k"; ...;
-    downloaded through timm and the Hugging Face cache) or a local .safetensors / .pth / .pt file holding a
-    timm/MSRA classification state dict (its classification-head keys are left out), a reference checkpoint or a
-    saved HRNetFCN model (`backbone.` keys; `decode_head.` keys are left out). Every other key must match the
-    backbone exactly (names and shapes) or a ValueError lists the differences. BN `num_batches_tracked` counters
-    may be absent (unused with a fixed momentum), as torch's own loading allows.
-    Returns {"source": str, "loaded": number of tensors, "dropped": keys left out}.
-    """
-    if is_weights_file(source):
-        state_dict, where = read_weights_file(source), str(source)
-    else:
-        state_dict, where = _timm_state_dict(str(source)), f"timm weights {source}"
-    state_dict, dropped = _backbone_state_dict(state_dict)
-    check_state_dict(state_dict, model.backbone.state_dict(), where, allow_missing=("num_batches_tracked",))
-    model.backbone.load_state_dict(state_dict, strict=True)
-    return {"source": str(source), "loaded": len(state_dict), "dropped": dropped}
+# save_pretrained writes this file beside the weights and an `auto_map` into config.json, so that transformers'
+# Auto classes (and the image-segmentation pipeline) load the folder with trust_remote_code=True.
+HRNetFCNConfig.register_for_auto_class()
+HRNetFCNForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")

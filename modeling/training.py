@@ -20,7 +20,8 @@ from transformers import get_polynomial_decay_schedule_with_warmup
 
 from data import batch_to_device
 from modeling.cli import refuse_fp16_on_cpu
-from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone
+from modeling.hrnet_fcn import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
+from modeling.pretrained import load_pretrained_backbone
 from modeling.reliability import DEFAULT_LOADER_TIMEOUT, StepGuard, explain_loader_errors, loader_kwargs
 from modeling.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 

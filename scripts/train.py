@@ -13,7 +13,7 @@ counts iterations (optimizer steps; one iteration = gradient_accumulation_steps 
 epochs. Outputs in OUTPUT_DIR: results.json (the benchmark's figures; main() returns the same dict),
 train_log.jsonl (one line per log interval and per evaluation), training_curves.png (loss, lr and val mIoU, redrawn
 after each evaluation), checkpoints/iter_* (resumable, see modeling/checkpointing.py), best/ and final/
-(save_pretrained, for scripts/eval.py), trackers' logs.
+(model folders for scripts/eval.py and for transformers without this repository: docs/huggingface.md), trackers' logs.
 """
 
 import signal
@@ -45,20 +45,14 @@ from data.synthetic import generate_cityscapes_atomically
 from data.transforms import IMG_SCALE
 from modeling import strict_json
 from modeling.benchmarking import WARMUP_ITERS, Clock, build_results, peak_memory_gib
-from modeling.checkpointing import (
-    MIN_KEEP,
-    config_differences,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_pretrained_atomically,
-)
+from modeling.checkpointing import MIN_KEEP, config_differences, list_checkpoints, load_checkpoint, save_checkpoint
 from modeling.cli import HelpFormatter, finite_float, non_negative_int, positive_float, positive_int, seed_int
 from modeling.cpu_threads import choose_cpu_threads
 from modeling.errors import data_error_line
-from modeling.hrnet_fcn import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.inference import evaluate_segmentation
 from modeling.metrics import metrics_to_json
+from modeling.model_folder import write_model_folder
+from modeling.pretrained import DEFAULT_PRETRAINED, check_pretrained_source
 from modeling.reliability import (
     DEFAULT_LOADER_TIMEOUT,
     EXIT_PREEMPTED,
@@ -156,8 +150,9 @@ def set_cpu_threads(args, accelerator) -> None:
 
 
 # --------------------------------------------------------------------------------------------- eval, checkpoint
-def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, args, output_dir: Path) -> dict:
-    """Evaluate on the whole val split; record it; keep the best model; note when --target_miou is first met."""
+def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, args, output_dir: Path) -> None:
+    """Evaluate on the whole val split; log it, redraw the curves; keep the best model; note when --target_miou is
+    first met."""
     try:
         metrics = metrics_to_json(evaluate_segmentation(model, *val_data, accelerator, num_workers=args.num_workers))
     except (ValueError, OSError, LoaderError) as err:  # a val file that passed the header checks but not decoding
@@ -169,25 +164,28 @@ def evaluate_and_track(model, val_data, accelerator, state: TrainState, clock, a
     state.eval_log.append({"iteration": iteration, "wall_s": round(wall_s, 3), "mean_iou": miou})
     if state.time_to_train_s is None and miou >= args.target_miou:
         state.time_to_train_s = wall_s
+    log_file = output_dir / "train_log.jsonl"
+    log(accelerator, log_file, {"iteration": iteration, "mean_iou": miou, "mean_accuracy": metrics["mean_accuracy"],
+                                "overall_accuracy": metrics["overall_accuracy"]})
+    plot_curves(accelerator, log_file)  # before best/ is written: its model card shows this evaluation
     if miou > state.best_miou:
         state.best_miou, state.best_iteration, state.best_metrics = miou, iteration, metrics
         if accelerator.is_main_process:
-            write_model(accelerator, model, output_dir / "best", iteration)
+            write_model(accelerator, model, output_dir / "best", iteration, metrics, args)
     accelerator.print(f"iteration {iteration}: mIoU {miou:.4f} (best {state.best_miou:.4f} at {state.best_iteration})")
-    return {"iteration": iteration, "mean_iou": miou, "mean_accuracy": metrics["mean_accuracy"],
-            "overall_accuracy": metrics["overall_accuracy"]}
 
 
-def write_model(accelerator, model, folder: Path, iteration: int) -> None:
-    """save_pretrained into `folder`, atomically (main process), never non-finite weights; a failed write is one line,
-    not a traceback."""
+def write_model(accelerator, model, folder: Path, iteration: int, metrics: dict, args) -> None:
+    """The model folder (weights, code, processor, model card) into `folder`, atomically (main process), never
+    non-finite weights; a failed write is one line, not a traceback."""
     plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     try:
         check_finite_state(plain_model, iteration, writing=str(folder))  # e.g. --lr far too high
     except NonFiniteError as err:
         raise SystemExit(f"error: {err}") from None
     try:
-        save_pretrained_atomically(plain_model, folder)
+        write_model_folder(plain_model, folder, iteration=iteration, metrics=metrics,
+                           recipe=run_config(args, accelerator), curves=folder.parent / "training_curves.png")
     except OSError as err:  # disk full, quota, permissions: the previous `folder` (if any) is untouched
         raise SystemExit(f"error: could not write {folder} ({err}); the checkpoints are intact: free space, then run "
                          "the same command with --resume_from_checkpoint latest") from None
@@ -386,9 +384,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
         if done % args.eval_interval == 0 or done == args.max_iters:
             paused_at = clock.pause()
             clock.update(state, done, global_batch)
-            log(accelerator, log_file, evaluate_and_track(model, val_data, accelerator, state, clock, args,
-                                                          output_dir))
-            plot_curves(accelerator, log_file)
+            evaluate_and_track(model, val_data, accelerator, state, clock, args, output_dir)
             clock.resume(paused_at)
         if (done % args.checkpoint_interval == 0 or preempted) and done < args.max_iters:
             checkpoint = save(accelerator, model, state, clock, guard, config, args, global_batch)
@@ -401,7 +397,7 @@ def train(args, preemption: PreemptionFlag) -> dict:
     clock.update(state, state.iteration, global_batch)
     results = {**build_results(state, args.target_miou, accelerator, global_batch), "sync_batchnorm": batchnorm}
     if accelerator.is_main_process:
-        write_model(accelerator, model, output_dir / "final", state.iteration)
+        write_model(accelerator, model, output_dir / "final", state.iteration, state.final_metrics, args)
         try:
             (output_dir / "results.json").write_text(strict_json.dumps(results, indent=2))
         except OSError as err:

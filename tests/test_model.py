@@ -23,8 +23,8 @@ from modeling import (
     SyncBatchNorm,
     apply_sync_batchnorm,
     convert_mmseg_state_dict,
-    hrnet_fcn,
     load_pretrained_backbone,
+    pretrained,
     segmentation_loss,
     to_channels_last,
 )
@@ -367,7 +367,7 @@ def test_load_pretrained_backbone_errors(tmp_path, imagenet_like, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(timm, "create_model", offline)  # the download path, without touching the network
-    monkeypatch.setattr(hrnet_fcn, "_hub_unreachable", lambda: None)  # as if the hub answered the probe
+    monkeypatch.setattr(pretrained, "_hub_unreachable", lambda: None)  # as if the hub answered the probe
     with pytest.raises(FileNotFoundError, match="huggingface.co/timm/hrnet_w18.ms_in1k") as error:
         load_pretrained_backbone(model, "hrnet_w18.ms_in1k")
     assert "path" in str(error.value)

@@ -470,7 +470,7 @@ def test_bad_files_are_found_before_training(small_root, tmp_path, fault):
 
 
 def test_crop_and_pretrained_checks():
-    from modeling.hrnet_fcn import check_pretrained_source
+    from modeling.pretrained import check_pretrained_source
 
     checks.check_crop_fits((1024, 2048), (512, 1024), (2048, 1024))  # the recipe
     checks.check_crop_fits((64, 128), (64, 128), (128, 64))  # the synthetic demo
@@ -787,17 +787,17 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes(train, synthetic_root, tm
     final = (out / "final" / "model.safetensors").read_bytes()
     shutil.rmtree(out / "final")
     (out / "results.json").unlink()
-    write = train.save_pretrained_atomically
+    write = train.write_model_folder
 
-    def no_space(model, folder):
+    def no_space(model, folder, **card):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
-    monkeypatch.setattr(train, "save_pretrained_atomically", no_space)
+    monkeypatch.setattr(train, "write_model_folder", no_space)
     # (the last checkpoint precedes the final evaluation, so the relaunch evaluates again and best/ comes first)
     with pytest.raises(SystemExit, match=rf"error: could not write {out}/(best|final) \(\[Errno 28\] No space left"):
         run_main(train, argv)
     assert not (out / "results.json").exists() and not (out / "final").exists()
-    monkeypatch.setattr(train, "save_pretrained_atomically", write)
+    monkeypatch.setattr(train, "write_model_folder", write)
     assert run_main(train, argv)["iterations"] == 4
     assert (out / "final" / "model.safetensors").read_bytes() == final
 

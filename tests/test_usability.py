@@ -166,7 +166,7 @@ def test_weights_in_the_hf_cache_load_offline(tmp_path, monkeypatch):
     import timm
     from safetensors.torch import save_file
 
-    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, hrnet_fcn, load_pretrained_backbone
+    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation, load_pretrained_backbone, pretrained
 
     torch.manual_seed(1)
     timm_model = timm.create_model("hrnet_w18", pretrained=False)
@@ -176,7 +176,7 @@ def test_weights_in_the_hf_cache_load_offline(tmp_path, monkeypatch):
     (tmp_path / "hub" / "models--timm--hrnet_w18.ms_in1k" / "refs").mkdir()
     (tmp_path / "hub" / "models--timm--hrnet_w18.ms_in1k" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hrnet_fcn, "_hub_unreachable", lambda: pytest.fail("the hub was probed"))
+    monkeypatch.setattr(pretrained, "_hub_unreachable", lambda: pytest.fail("the hub was probed"))
 
     model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
     info = load_pretrained_backbone(model, "hrnet_w18.ms_in1k")
