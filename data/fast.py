@@ -24,7 +24,6 @@ generator the training script owns) and, for the same parameters, the same outpu
 - normalization, and padding (image 0, label 255) where the rescaled image is smaller than the crop.
 """
 
-import fcntl
 import json
 import logging
 import multiprocessing
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from data.cityscapes import describe, read_pair
 from data.device_kernels import adjust_hue, adjust_saturation, blend_rows, convert, linear_taps, nearest_index
 from data.labels import IGNORE_INDEX
+from data.locking import flock_exclusive, unlock
 from data.transforms import (
     BRIGHTNESS_DELTA,
     CAT_MAX_RATIO,
@@ -134,12 +134,20 @@ def _fill(job) -> None:
 
 @contextmanager
 def _lock(cache_dir: Path, split: str):
-    with open(cache_dir / f".{split}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """One rank builds the cache while the others wait. Where the filesystem cannot lock, ranks may build it at
+    once: wasteful but safe, since each writes its own temporary files and renames them into place."""
+    path = cache_dir / f".{split}.lock"
+    with open(path, "w") as handle:
+        warning = flock_exclusive(handle.fileno(), path, wait=True,
+                                  unprotected="several processes may build this cache at once (safe, but slower)")
+        if warning:
+            logger.warning(warning)
+            yield
+            return
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            unlock(handle.fileno())
 
 
 def build_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1, progress: bool = True) -> dict:

@@ -26,12 +26,19 @@ def synchronize(device: torch.device) -> float:
 
 class Clock:
     """Wall time and steady-state time of this launch, on top of what earlier launches recorded in `state`
-    (a modeling.training.TrainState)."""
+    (a modeling.training.TrainState).
+
+    The steady-state window starts at iteration `warmup_until`. Pauses (evaluations, checkpoints) are subtracted
+    from it only for the part that lies inside it: a pause during the warm-up (a resumed run evaluating at its first
+    iteration) must not shorten the window, or images/s comes out too high. `paused` counts every pause of the
+    launch (train.py's per-log-interval times use its differences)."""
 
     def __init__(self, state, device: torch.device, warmup_until: int):
         self.device, self.warmup_until = device, warmup_until
         self.t0, self.wall0 = time.perf_counter(), state.wall_s
-        self.steady_t0, self.steady_iter0, self.paused = None, None, 0.0
+        self.steady_t0, self.steady_iter0 = None, None
+        self.paused = 0.0  # every pause of this launch
+        self.steady_paused = 0.0  # the parts of pauses after steady_t0
         self.steady_images0, self.steady_s0 = state.steady_images, state.steady_s
 
     def before_iteration(self, iteration: int) -> None:
@@ -43,7 +50,10 @@ class Clock:
         return synchronize(self.device)
 
     def resume(self, paused_at: float) -> None:
-        self.paused += time.perf_counter() - paused_at
+        now = time.perf_counter()
+        self.paused += now - paused_at
+        if self.steady_t0 is not None:  # only the part inside the window (a pause may straddle its start)
+            self.steady_paused += max(0.0, now - max(paused_at, self.steady_t0))
 
     def wall_s(self) -> float:
         return self.wall0 + time.perf_counter() - self.t0
@@ -54,7 +64,7 @@ class Clock:
         state.wall_s = self.wall0 + now - self.t0
         if self.steady_t0 is not None:
             state.steady_images = self.steady_images0 + (iteration - self.steady_iter0) * global_batch
-            state.steady_s = self.steady_s0 + now - self.steady_t0 - self.paused
+            state.steady_s = self.steady_s0 + now - self.steady_t0 - self.steady_paused
 
 
 def peak_memory_gib(device: torch.device) -> float:

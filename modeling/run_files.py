@@ -6,15 +6,13 @@ train_log.jsonl (one JSON record per line, strict JSON).
         append_log(log_file, record); records = read_log(log_file)
     with claimed_output_dir(output_dir):  # scripts/train.py: both on rank 0, a failure as one `error: ...` line
 
-Why flock: the kernel drops the lock when the holding process dies, however it dies (SIGKILL, OOM killer), so a
-killed run never leaves a stale lock behind and the relaunch needs no clean-up. On a network filesystem, flock
-works across machines on NFSv4 (Linux emulates it with NFS byte-range locks); on filesystems without it (some
-Lustre and old NFSv3 mounts) locking fails with an error that is reported as a warning, and the run goes on
-unprotected.
+Why flock (through data/locking.py, the project's one lock helper): the kernel drops the lock when the holding
+process dies, however it dies (SIGKILL, OOM killer), so a killed run never leaves a stale lock behind and the
+relaunch needs no clean-up. On a network filesystem, flock works across machines on NFSv4 (Linux emulates it with
+NFS byte-range locks); on filesystems without it (some Lustre and old NFSv3 mounts) locking fails with an error
+that is reported as a warning, and the run goes on unprotected.
 """
 
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -22,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from data.locking import LockHeld, flock_exclusive
 from modeling import strict_json
 
 LOCK_FILE = ".train.lock"  # in OUTPUT_DIR; it stays there (an unlocked file is no lock)
@@ -46,15 +45,18 @@ class OutputDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
+            self.warning = flock_exclusive(fd, self.path, wait=False,
+                                           unprotected="nothing keeps a second run out of this folder")
+        except LockHeld:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "holder unknown"
             os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputDirBusy(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
-                                    "to end or choose another --output_dir") from None
-            self.warning = (f"warning: cannot lock {self.path} ({err.strerror}: the filesystem does not support "
-                            "flock); nothing keeps a second run out of this folder")
+            raise OutputDirBusy(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
+                                "to end or choose another --output_dir") from None
+        except OSError:
+            os.close(fd)
+            raise
+        if self.warning:  # no lock to hold: the file is left as it is
+            os.close(fd)
             return self
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         os.ftruncate(fd, 0)

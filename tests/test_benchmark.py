@@ -3,9 +3,9 @@
 report: hand-written results.json files whose figures are known, so the speedup arithmetic, Time2train read from the
 evaluation log (not from the run's own field), the target override, '-' for missing runs and fields, and the plots
 are checked against values computed here. The reference's own speedups (2.98, 3.43) come out of the same code.
-throughput: the collective counter on a one-process gloo group with DDP (units), then two real `accelerate launch`
-runs on the CPU, started together to share the start-up cost: random input, and synthetic Cityscapes through the
-fast path; their JSON is checked and fed to `report`.
+throughput: counting collectives is opt-in; the counter on a one-process gloo group with DDP (units), then two real
+`accelerate launch` runs on the CPU, started together to share the start-up cost: random input (collectives counted),
+and synthetic Cityscapes through the fast path (not counted: null); their JSON is checked and fed to `report`.
 """
 
 import json
@@ -210,13 +210,23 @@ def test_collective_kinds_and_bytes_come_from_the_caller():
     assert payload_bytes("_broadcast_coalesced", (None, [x, torch.zeros(2, dtype=torch.long)], 1, 0), {}) == 164
 
 
+def test_counting_collectives_is_opt_in(bench):
+    # counting reroutes DDP's C++ gradient all-reduce through a Python hook: the default must time the real path
+    parse = bench.get_args_parser().parse_args
+    assert parse(["throughput", "--synthetic_input"]).count_collectives is False
+    assert parse(["throughput", "--synthetic_input", "--count_collectives"]).count_collectives is True
+    with pytest.raises(SystemExit):
+        parse(["throughput", "--synthetic_input", "--no_count_collectives"])  # the old opt-out is gone
+
+
 # ------------------------------------------------------------------------------------- through the real launcher
 TINY = ["--crop_size", "64", "128", "--batch_size", "1", "--warmup", "1", "--iters", "2"]
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """Two `accelerate launch` runs started together: random input (channels_last), and the fast data path."""
+    """Two `accelerate launch` runs started together: random input (channels_last, collectives counted), and the
+    fast data path (the default: not counted)."""
     from data.prepare import prepare_cityscapes
     from data.synthetic import generate_cityscapes
 
@@ -225,7 +235,8 @@ def launched(tmp_path_factory):
     prepare_cityscapes(root)  # labelTrainIds; the fast path builds its cache itself
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
               "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), str(SCRIPT), "throughput", *TINY]
-    commands = {"synthetic": [*launch, "--synthetic_input", "--channels_last"],
+    # counting collectives is opt-in: the synthetic run counts them, the fast one runs DDP untouched (null)
+    commands = {"synthetic": [*launch, "--synthetic_input", "--channels_last", "--count_collectives"],
                 "fast": [*launch, "--data_root", str(root), "--num_workers", "0"]}
     processes = {name: subprocess.Popen([*command, "--out", str(tmp / f"{name}.json")], cwd=tmp,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -249,7 +260,11 @@ def test_throughput_json(launched, name):
     assert result["images_per_sec"] == pytest.approx(result["global_batch"] / result["s_per_iter"])
     assert 0 <= result["data_wait_s"] < result["s_per_iter"]
     assert result["data_wait_pct"] == pytest.approx(100 * result["data_wait_s"] / result["s_per_iter"])
-    assert result["collectives_per_step"] == 0 and result["collectives_by_name"] == {}  # one process: none
+    if name == "synthetic":  # --count_collectives; one process: none
+        assert result["collectives_per_step"] == 0 and result["collectives_by_name"] == {}
+    else:  # not asked for: null, and the report reads it
+        assert result["collectives_per_step"] is result["collectives_by_name"] is None
+        assert result["collectives_by_kind"] is result["collective_bytes_per_step"] is None
     assert result["host_syncs_per_step"] is None  # CUDA only
     assert result["peak_memory_gib"] > 0 and result["sync_batchnorm"] == "off"
     assert 0 < result["loss_mean"] < 10  # cross-entropy of 19 classes from random weights: about ln 19 = 2.9
@@ -274,7 +289,8 @@ def test_report_over_throughput_runs(bench, launched, runs, tmp_path):
     fast = launched["fast"]
     assert table_line(section, "| fast |") == [
         "fast", fast["device"], "1", "fp32", "1", "False", "False", "fast", "BN", f"{fast['images_per_sec']:.2f}",
-        f"{fast['s_per_iter']:.2f}", f"{fast['data_wait_pct']:.2f}", f"{fast['peak_memory_gib']:.2f}", "-", "0"]
+        f"{fast['s_per_iter']:.2f}", f"{fast['data_wait_pct']:.2f}", f"{fast['peak_memory_gib']:.2f}", "-", "-"]
+    assert table_line(section, "| synthetic |")[-1] == "0"
 
 
 # ------------------------------------------------------------------------------------------------------ inference

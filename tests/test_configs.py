@@ -1,9 +1,13 @@
 """Every accelerate_configs/*.yaml parses with Accelerate's own loader and says what its name promises."""
 
+import argparse
+import os
 from pathlib import Path
 
 import pytest
+import torch.distributed.run as distrib_run
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import launch_command, launch_command_parser
 from accelerate.utils import DistributedType
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
@@ -62,15 +66,70 @@ def test_cpu_two_node_config_meets_on_localhost_with_one_process_per_machine():
 
 
 def test_single_process_configs_use_the_launcher_that_forwards_signals():
-    # MULTI_GPU with one process: torchrun as the launcher (it forwards SIGTERM/SIGUSR1 and waits for the save);
-    # mpirun_config's keys reach torchrun as --signals_to_handle / --shutdown_timeout (tests/test_reliability.py
-    # checks it end to end with cpu.yaml)
+    # MULTI_GPU with one process: torchrun as the launcher (it forwards SIGTERM/SIGUSR1 and waits for the save)
     for name, (_, num_processes, *_) in EXPECTED.items():
-        config = load_config_from_file(str(CONFIG_DIR / name))
         if num_processes == 1:
-            assert config.distributed_type == DistributedType.MULTI_GPU, name
-            assert "SIGUSR1" in config.mpirun_config["signals_to_handle"].split(","), name
-            assert config.mpirun_config["shutdown_timeout"] >= 60, name
+            assert load_config_from_file(str(CONFIG_DIR / name)).distributed_type == DistributedType.MULTI_GPU, name
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_config_asks_torchrun_to_forward_sigusr1_and_wait_for_the_save(name):
+    # mpirun_config's keys reach torchrun as --signals_to_handle / --shutdown_timeout (tests/test_reliability.py and
+    # tests/test_train_faults.py check it end to end with cpu_2proc.yaml and cpu.yaml)
+    config = load_config_from_file(str(CONFIG_DIR / name))
+    assert "SIGUSR1" in config.mpirun_config["signals_to_handle"].split(",")
+    assert "SIGTERM" in config.mpirun_config["signals_to_handle"].split(",")
+    assert config.mpirun_config["shutdown_timeout"] >= 60
+
+
+def torchrun_args(monkeypatch, name: str) -> argparse.Namespace:
+    """What `accelerate launch --config_file accelerate_configs/NAME script.py` hands torchrun's run(): Accelerate's own
+    launch code path, stopped where torchrun would start the workers."""
+    captured = []
+    monkeypatch.setattr(distrib_run, "run", captured.append)
+    for variable in [v for v in os.environ if v.startswith(("PET_", "TORCH_ELASTIC_", "ACCELERATE_"))]:
+        monkeypatch.delenv(variable)  # the config alone decides
+    launch_command(launch_command_parser().parse_args(["--config_file", str(CONFIG_DIR / name), "train.py"]))
+    assert len(captured) == 1, name
+    return captured[0]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_the_launch_hands_torchrun_the_signal_settings(monkeypatch, name):
+    args = torchrun_args(monkeypatch, name)
+    assert args.signals_to_handle == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert args.shutdown_timeout == 300
+    assert int(args.nproc_per_node) * EXPECTED[name][2] == EXPECTED[name][1] and args.training_script == "train.py"
+
+
+def older_torchrun_parser(*missing: str):
+    """torchrun's parser as an older torch has it: without the options `missing` (dest names). torch 2.11 (measured
+    on the GPU image): --signals_to_handle exists, `torchrun --shutdown_timeout 300 ...` is an unrecognized argument."""
+    newest = distrib_run.get_args_parser
+
+    def get_args_parser() -> argparse.ArgumentParser:
+        parser = newest()
+        for action in [a for a in parser._actions if a.dest in missing]:
+            parser._remove_action(action)
+            for option in action.option_strings:
+                del parser._option_string_actions[option]
+        return parser
+
+    return get_args_parser
+
+
+@pytest.mark.parametrize("missing", [("shutdown_timeout",), ("shutdown_timeout", "signals_to_handle")],
+                         ids=["torch-2.11", "older"])
+def test_an_older_torchrun_still_launches_every_config(monkeypatch, missing):
+    older = older_torchrun_parser(*missing)
+    with pytest.raises(SystemExit):  # the simulated torchrun rejects the option on its command line, as 2.11 does
+        older().parse_args([f"--{missing[0]}", "300", "train.py"])
+    monkeypatch.setattr(distrib_run, "get_args_parser", older)
+    known = {action.dest for action in older()._actions}
+    for name in EXPECTED:
+        args = torchrun_args(monkeypatch, name)
+        # only options this torchrun knows reach it: the launch goes on without the missing ones
+        assert set(vars(args)) <= known and not set(missing) & set(vars(args)), name
 
 
 def test_one_machine_configs_take_a_free_port():

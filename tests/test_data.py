@@ -3,11 +3,13 @@
 Everything runs on a synthetic Cityscapes (data/synthetic.py) of 64x128 images.
 """
 
+import errno
 import io
 import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image, ImageFile
 
 import data
 from data.cityscapes import ImageDataset, discover, from_hf_dataset, read_image, read_label, read_pair
-from data.fast import CACHE_DIRNAME, CacheDataset, build_cache, cache_is_current, cache_paths
+from data.fast import CACHE_DIRNAME, CacheDataset, build_cache, cache_is_current, cache_paths, ensure_cache
 from data.labels import ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES
 from data.prepare import prepare_cityscapes
 from data.synthetic import generate_cityscapes
@@ -200,6 +202,31 @@ def test_cache_is_rebuilt_when_sources_change(scratch_root, caplog):
     with caplog.at_level(logging.WARNING):
         data.get_train_data(scratch_root, "fast", crop_size=CROP, img_scale=SCALE)
     assert "building" not in caplog.text
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP])
+def test_cache_builds_where_the_filesystem_refuses_flock(root, tmp_path, monkeypatch, caplog, code):
+    # Lustre without `flock`, NFS without lockd: the lock call itself fails; the build goes on unlocked, with a warning
+    from data import locking
+
+    def refuse(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(locking.fcntl, "flock", refuse)
+    cache_dir = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING):
+        _, built = ensure_cache(discover(root, "train"), cache_dir, "train", progress=False)
+    assert built and cache_is_current(cache_dir, "train", discover(root, "train"))
+    assert f"warning: cannot lock {cache_dir / '.train.lock'} ({os.strerror(code)}: the filesystem does not " \
+           "support flock); several processes may build this cache at once" in caplog.text
+
+
+def test_every_lock_is_taken_through_the_one_helper():
+    # data/locking.py handles the filesystems that refuse flock; a direct fcntl call elsewhere would not
+    repo = Path(__file__).resolve().parents[1]
+    direct = [str(path.relative_to(repo)) for folder in ("data", "modeling", "scripts") for path in
+              (repo / folder).rglob("*.py") if "fcntl." in path.read_text() and path.name != "locking.py"]
+    assert direct == []
 
 
 def test_unreadable_cache_raises_and_prepare_repairs_it(scratch_root):

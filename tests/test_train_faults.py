@@ -4,6 +4,7 @@ manifest, writers' own full-disk exceptions, a bad file met by the evaluation, n
 argument values, a torn train_log.jsonl, a malicious RNG state file, unwritable outputs. Synthetic data, CPU.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -122,9 +123,25 @@ def test_a_second_run_into_the_same_output_dir_is_refused_and_a_killed_holder_le
         assert lock.warning is None
 
 
-def test_an_unwritable_output_dir_is_one_line(train, tmp_path, monkeypatch):
-    import errno
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP])
+def test_an_output_dir_on_a_filesystem_without_flock_is_a_warning(tmp_path, monkeypatch, capsys, code):
+    # Lustre without `flock`, NFS without lockd: the run goes on, saying that nothing keeps a second run out
+    from data import locking
+    from modeling.run_files import claimed_output_dir
 
+    def refuse(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(locking.fcntl, "flock", refuse)
+    monkeypatch.delenv("RANK", raising=False)  # the main process takes the lock
+    with claimed_output_dir(tmp_path / "out"):
+        pass
+    assert capsys.readouterr().out == (f"warning: cannot lock {tmp_path / 'out' / LOCK_FILE} ({os.strerror(code)}: "
+                                       "the filesystem does not support flock); nothing keeps a second run out of "
+                                       "this folder\n")
+
+
+def test_an_unwritable_output_dir_is_one_line(train, tmp_path, monkeypatch):
     from modeling import run_files
 
     real_open = os.open

@@ -1,5 +1,5 @@
 """benchmark.py throughput: images/s of the real training step under `accelerate launch`, with its data wait,
-peak memory, host syncs and collectives per step.
+peak memory, host syncs and (with --count_collectives) the collectives per step.
 """
 
 import argparse
@@ -180,7 +180,8 @@ def run(args) -> dict | None:
     training. The clock starts after --warmup iterations (device synchronised, processes aligned by a barrier) and
     stops after --iters more (device synchronised): nothing in between waits for the device. Per process it
     measures the time, the host time spent getting each batch (data wait) and the peak memory; the slowest process
-    gives the figures. Collectives are counted per step in the timed iterations (CollectiveCounter).
+    gives the figures. With --count_collectives the collectives are counted per step in the timed iterations
+    (CollectiveCounter); otherwise DDP runs untouched and they are null.
     """
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit("error: --iters and --batch_size must be >= 1 and --warmup >= 0")
@@ -288,5 +289,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync_batchnorm", choices=training.SYNC_BATCHNORM_CHOICES, default="ours",
                         help="as train.py's: ours, torch (nn.SyncBatchNorm, CUDA only) or off (per-process BN: "
                              "measures what SyncBN costs); one process runs plain BN whatever the choice")
-    parser.add_argument("--no_count_collectives", dest="count_collectives", action="store_false",
-                        help="keep DDP's built-in C++ gradient all-reduce (collectives are then not reported)")
+    # opt-in: counting wraps torch.distributed and replaces DDP's C++ gradient all-reduce by a Python comm hook, so
+    # the default run times the path training runs
+    parser.add_argument("--count_collectives", action="store_true",
+                        help="count torch.distributed calls and bytes per step (reroutes DDP's gradient all-reduce "
+                             "through a Python hook; not under --compile); without it they are null")
