@@ -70,7 +70,7 @@ def signal_name(signum: int) -> str:
 
 def write_preemption_marker(output_dir, iteration: int, signum: int, checkpoint) -> Path:
     """OUTPUT_DIR/preempted.json: lets a job script tell a preemption exit from a failure behind a launcher (which
-    reports its own exit code 1 whatever its workers returned)."""
+    reports its own exit code (1, or 128 + the signal) whatever its workers returned)."""
     path = Path(output_dir) / PREEMPTED_MARKER
     path.write_text(strict_json.dumps({"iteration": iteration, "signal": signal_name(signum),
                                        "checkpoint": str(checkpoint), "exit_code": EXIT_PREEMPTED}) + "\n")
