@@ -5,7 +5,9 @@
     dataset, on_device = get_val_data(root, split="val")
 
 `root` is a Cityscapes-layout folder (labelTrainIds prepared by scripts/prepare_cityscapes.py) or a
-`datasets.Dataset` with image and label (trainId) columns. The submodules load on first use, so that
+`datasets.Dataset` with image and label columns, whose values `label_space` (data.labels.LabelSpace: the class count,
+reduce_labels; default Cityscapes' 19 trainIds) describes; data.hf_dataset loads any Hugging Face segmentation
+dataset that way. The submodules load on first use, so that
 `import data.labels` (or data.synthetic) stays light: no torch, no datasets.
 """
 
@@ -57,7 +59,7 @@ def val_on_device(batch: dict, generator=None):
 
 
 def get_train_data(root, pipeline: str = "fast", crop_size=(512, 1024), seed: int = 0, *, img_scale=None,
-                   ratio_range=None, cat_max_ratio=None, cache_dir=None, nproc: int = 1):
+                   ratio_range=None, cat_max_ratio=None, cache_dir=None, nproc: int = 1, label_space=None):
     """(dataset, on_device) of the training split.
 
     reference: PNGs decoded and fully transformed on the CPU, per-sample numpy RNG seeded by (seed, epoch, index).
@@ -65,12 +67,14 @@ def get_train_data(root, pipeline: str = "fast", crop_size=(512, 1024), seed: in
     stale; `scripts/prepare_cityscapes.py --cache` builds it ahead), on_device = DeviceAugment, whose random draws
     come from the torch generator passed to it (`seed` is not used).
     img_scale (the resize target, (long, short)), ratio_range and cat_max_ratio: None = the recipe's
-    ((2048, 1024), (0.5, 2.0), 0.75).
+    ((2048, 1024), (0.5, 2.0), 0.75). label_space None: Cityscapes' trainIds.
     """
     from data.cityscapes import ReferenceTrainDataset, as_source
     from data.fast import CacheDataset, DeviceAugment, ensure_cache
+    from data.labels import CITYSCAPES
     from data.transforms import CAT_MAX_RATIO, IMG_SCALE, RATIO_RANGE, TrainTransform
 
+    label_space = label_space or CITYSCAPES
     img_scale = IMG_SCALE if img_scale is None else img_scale
     ratio_range = RATIO_RANGE if ratio_range is None else ratio_range
     cat_max_ratio = CAT_MAX_RATIO if cat_max_ratio is None else cat_max_ratio
@@ -80,27 +84,30 @@ def get_train_data(root, pipeline: str = "fast", crop_size=(512, 1024), seed: in
     source = as_source(root, "train")
     if pipeline == "reference":
         transform = TrainTransform(crop_size, img_scale, ratio_range, cat_max_ratio)
-        return ReferenceTrainDataset(source, transform, seed), reference_on_device
+        return ReferenceTrainDataset(source, transform, seed, label_space), reference_on_device
     cache_dir = default_cache_dir(root, cache_dir)
-    ensure_cache(source, cache_dir, "train", nproc)
+    ensure_cache(source, cache_dir, "train", nproc, space=label_space)
     return CacheDataset(cache_dir, "train"), DeviceAugment(crop_size, img_scale, ratio_range, cat_max_ratio)
 
 
-def get_val_data(root, split: str = "val", *, cache_dir=None, instance_ids: bool = False):
+def get_val_data(root, split: str = "val", *, cache_dir=None, instance_ids: bool = False, label_space=None):
     """(dataset, on_device) of a whole-image split: items {"image": uint8 3xHxW, "label": uint8 HxW, "index"}.
 
     Reads the fast-path cache when a current one exists (prepare_cityscapes.py --cache builds train and val),
     else decodes the PNGs. instance_ids=True: items also hold "instance_ids" (int32 HxW, from
     <stem>_gtFine_instanceIds.png, for the official iIoU) when every label of the split has that file beside it.
+    label_space None: Cityscapes' trainIds.
     """
     from data.cityscapes import ImageDataset, WithInstanceIds, as_source, instance_ids_path
     from data.fast import CacheDataset, cache_is_current
+    from data.labels import CITYSCAPES
 
+    label_space = label_space or CITYSCAPES
     source = as_source(root, split)
-    dataset = ImageDataset(source)
+    dataset = ImageDataset(source, label_space)
     if cache_dir is not None or isinstance(root, (str, Path)):
         cache_dir = default_cache_dir(root, cache_dir)
-        if cache_is_current(cache_dir, split, source):
+        if cache_is_current(cache_dir, split, source, label_space):
             dataset = CacheDataset(cache_dir, split, channels_first=True)
     paths = [instance_ids_path(label) for label in source["label"]] if instance_ids else [None]
     if all(path is not None for path in paths):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data.cityscapes import read_pair
 from data.image_checks import MAX_PIXELS, PNG_SIGNATURE, ihdr_size
+from data.labels import CITYSCAPES, LabelSpace
 from data.transforms import rescale_size
 
 _PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk type and CRC: the last 8 bytes of every complete PNG
@@ -40,11 +41,11 @@ def png_header(path: str) -> tuple[str | None, tuple[int, int] | None]:
     return None, (width, height)
 
 
-def check_split_files(source, decode: int = 2, threads: int = 16) -> None:
+def check_split_files(source, decode: int = 2, threads: int = 16, space: LabelSpace = CITYSCAPES) -> None:
     """Every image and label of a split (a source from data.cityscapes.discover) is a complete PNG of a sane size,
-    each label the size of its image; the first `decode` pairs decode and hold trainIds. Raises ValueError naming
-    the first bad file. Cheap: a 24-byte and an 8-byte read per file (threads hide network-filesystem latency); the
-    full decode of every file happens when it is read."""
+    each label the size of its image; the first `decode` pairs decode and hold trainIds (classes of `space`). Raises
+    ValueError naming the first bad file. Cheap: a 24-byte and an 8-byte read per file (threads hide network-filesystem
+    latency); the full decode of every file happens when it is read."""
     pairs = [(image, label) for image, label in zip(source["image"], source["label"], strict=True)
              if isinstance(image, str | Path) and isinstance(label, str | Path)]
     paths = [path for pair in pairs for path in pair]
@@ -59,7 +60,7 @@ def check_split_files(source, decode: int = 2, threads: int = 16) -> None:
             raise ValueError(f"{label}: a {lw}x{lh} label for the {iw}x{ih} image {image}; expected a label of its "
                              "image's size")
     for i in range(min(decode, len(source))):
-        read_pair(source[i]["image"], source[i]["label"], f"row {i}")
+        read_pair(source[i]["image"], source[i]["label"], f"row {i}", space)
 
 
 def check_crop_fits(image_size: tuple[int, int], crop_size, img_scale) -> None:

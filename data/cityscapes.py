@@ -5,9 +5,10 @@
 
 A "source" is such a `datasets.Dataset`: image/label values are paths (str), PIL images, or the
 {"path", "bytes"} dicts of an undecoded `datasets.Image` column. Labels must be trainIds (0..18, 255 = ignore);
-`scripts/prepare_cityscapes.py` writes them for the Cityscapes layout. Every read is checked: a corrupt or
-truncated file, a label value outside {0..18, 255}, or an image/label size mismatch raises a one-line ValueError
-naming the file and what was expected. Truncated PNGs are never loaded as whole: PIL's
+`scripts/prepare_cityscapes.py` writes them for the Cityscapes layout. Other datasets pass their
+`data.labels.LabelSpace` (their class count, reduce_labels) to the readers and datasets. Every read is checked: a
+corrupt or truncated file, a label value outside {0..18, 255}, or an image/label size mismatch raises a one-line
+ValueError naming the file and what was expected. Truncated PNGs are never loaded as whole: PIL's
 ImageFile.LOAD_TRUNCATED_IMAGES is left False and decoding errors are re-raised with the path.
 """
 
@@ -19,16 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.labels import IGNORE_INDEX, NUM_CLASSES
+from data.labels import CITYSCAPES, IGNORE_INDEX, LabelSpace
 from data.transforms import TrainTransform, val_transform
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 SPLITS = ("train", "val", "test")
-
-VALID_LABEL = np.zeros(256, dtype=bool)  # trainIds a label image may hold
-VALID_LABEL[:NUM_CLASSES] = True
-VALID_LABEL[IGNORE_INDEX] = True
 
 
 # --------------------------------------------------------------------------------------------------- discovery
@@ -135,20 +132,20 @@ def read_image(value, name: str | None = None) -> np.ndarray:
     return np.array(image)  # writable (np.asarray of a PIL image is read-only), for torch.from_numpy
 
 
-def check_label(label: np.ndarray, name: str) -> np.ndarray:
-    """Raises unless every value of a uint8 label is a trainId (0..18) or 255 (~0.5 ms at 1024x2048)."""
-    # uint8 wrap-around: values 19..254 map to 0..235, 255 to 236 and 0..18 to 237..255
-    if np.any((label - np.uint8(NUM_CLASSES)) < np.uint8(IGNORE_INDEX - NUM_CLASSES)):
+def check_label(label: np.ndarray, name: str, space: LabelSpace = CITYSCAPES) -> np.ndarray:
+    """Raises unless every value of a uint8 label is a class of `space` (0..18) or 255 (~0.5 ms at 1024x2048)."""
+    n = space.num_labels
+    # uint8 wrap-around: values n..254 map to 0..254-n, 255 to 255-n and 0..n-1 to 256-n..255
+    if np.any((label - np.uint8(n)) < np.uint8(IGNORE_INDEX - n)):
         counts = np.bincount(label.reshape(-1), minlength=256)
-        bad = np.flatnonzero(counts * ~VALID_LABEL)
-        hint = " (labelIds instead of labelTrainIds?)" if bad.max() <= 33 else ""
-        raise ValueError(f"{name}: label values {bad[:8].tolist()} outside {{0..{NUM_CLASSES - 1}, {IGNORE_INDEX}}}"
-                         f"{hint}")
+        bad = np.flatnonzero(counts * ~space.valid())
+        hint = " (labelIds instead of labelTrainIds?)" if space == CITYSCAPES and bad.max() <= 33 else ""
+        raise ValueError(f"{name}: label values {bad[:8].tolist()} outside {{0..{n - 1}, {IGNORE_INDEX}}}{hint}")
     return label
 
 
-def read_label(value, name: str | None = None) -> np.ndarray:
-    """HxW uint8 trainIds, checked."""
+def read_label(value, name: str | None = None, space: LabelSpace = CITYSCAPES) -> np.ndarray:
+    """HxW uint8 training ids (after `space`'s reduce_labels), checked."""
     name = describe(value, name)
     image = _decode(value, "label", name)
     if image.mode not in ("L", "P", "I", "I;16"):
@@ -158,15 +155,18 @@ def read_label(value, name: str | None = None) -> np.ndarray:
         if label.min() < 0 or label.max() > 255:
             raise ValueError(f"{name}: label values beyond 0..255, expected trainIds 0..18 and 255")
         label = label.astype(np.uint8)
-    return check_label(label, name)
+    if space.reduce_labels:
+        label = space.lookup()[label]
+    return check_label(label, name, space)
 
 
-def read_pair(image_value, label_value, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(image_value, label_value, name: str | None = None,
+              space: LabelSpace = CITYSCAPES) -> tuple[np.ndarray, np.ndarray]:
     """(HxWx3 uint8 RGB, HxW uint8 trainIds) of one sample, sizes checked. `name` (e.g. "row 3") names in-memory
     values in errors."""
     image_name = describe(image_value, name and f"{name} image")
     label_name = describe(label_value, name and f"{name} label")
-    image, label = read_image(image_value, image_name), read_label(label_value, label_name)
+    image, label = read_image(image_value, image_name), read_label(label_value, label_name, space)
     if image.shape[:2] != label.shape:
         raise ValueError(f"{label_name}: label size {label.shape[1]}x{label.shape[0]} differs from its image "
                          f"{image_name} ({image.shape[1]}x{image.shape[0]}); expected the same size")
@@ -183,8 +183,9 @@ class ReferenceTrainDataset(torch.utils.data.Dataset):
     Items: {"pixel_values": float32 3 x crop_h x crop_w normalized, "labels": int64 crop_h x crop_w, "index"}.
     """
 
-    def __init__(self, source: datasets.Dataset, transform: TrainTransform, seed: int = 0):
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source: datasets.Dataset, transform: TrainTransform, seed: int = 0,
+                 space: LabelSpace = CITYSCAPES):
+        self.source, self.transform, self.seed, self.space = source, transform, seed, space
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -195,7 +196,7 @@ class ReferenceTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.source[int(index)]
-        image, label = read_pair(row["image"], row["label"], f"row {index} ({row['stem']})")
+        image, label = read_pair(row["image"], row["label"], f"row {index} ({row['stem']})", self.space)
         rng = np.random.default_rng([self.seed, int(self._epoch[0]), int(index)])
         pixel_values, labels = self.transform(image, label, rng)
         return {"pixel_values": pixel_values, "labels": labels, "index": int(index)}
@@ -204,8 +205,8 @@ class ReferenceTrainDataset(torch.utils.data.Dataset):
 class ImageDataset(torch.utils.data.Dataset):
     """Whole images decoded from PNG, for validation: {"image": uint8 3xHxW, "label": uint8 HxW, "index"}."""
 
-    def __init__(self, source: datasets.Dataset):
-        self.source = source
+    def __init__(self, source: datasets.Dataset, space: LabelSpace = CITYSCAPES):
+        self.source, self.space = source, space
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -215,7 +216,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.source[int(index)]
-        return {**val_transform(*read_pair(row["image"], row["label"], f"row {index} ({row['stem']})")),
+        return {**val_transform(*read_pair(row["image"], row["label"], f"row {index} ({row['stem']})", self.space)),
                 "index": int(index)}
 
 

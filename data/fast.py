@@ -5,8 +5,8 @@ Cache (one per split, in `cache_dir`, default `<root>/fastpath_cache`):
     <split>_labels.u8   raw uint8 (N, H, W) trainIds, checked when the cache is built
     <split>_index.json  {"version", "split", "count", "height", "width", "sources"}; "sources" holds, per sample,
                         [image path, size, mtime_ns, label path, size, mtime_ns] (paths relative to cache_dir), or
-                        {"fingerprint"} for a datasets.Dataset of in-memory images. The cache is stale as soon as
-                        that changes.
+                        {"fingerprint"} for a datasets.Dataset of in-memory images (plus "label_space" for labels
+                        other than Cityscapes' trainIds). The cache is stale as soon as that changes.
 All images of a split must have one size (true of Cityscapes): a different one is an error naming the file.
 Building writes temporary files in cache_dir and renames them into place, the index last, under a file lock
 (several ranks may ask at once). Reading a sample is two memmap slices (~0.6 ms at 1024x2048).
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data.cityscapes import describe, read_pair
 from data.device_kernels import adjust_hue, adjust_saturation, blend_rows, convert, linear_taps, nearest_index
-from data.labels import IGNORE_INDEX
+from data.labels import CITYSCAPES, IGNORE_INDEX, LabelSpace
 from data.locking import flock_exclusive, unlock
 from data.transforms import (
     BRIGHTNESS_DELTA,
@@ -69,11 +69,21 @@ def cache_paths(cache_dir, split: str) -> dict[str, Path]:
             "index": cache_dir / f"{split}_index.json"}
 
 
-def source_signature(source: datasets.Dataset, cache_dir) -> dict:
-    """What the cache was built from: per-file sizes and mtimes, or the dataset fingerprint for in-memory data."""
-    images, labels = list(source["image"]), list(source["label"])
-    if not all(isinstance(v, str) for v in images + labels):
+def source_signature(source: datasets.Dataset, cache_dir, space: LabelSpace = CITYSCAPES) -> dict:
+    """What the cache was built from: per-file sizes and mtimes, or the dataset fingerprint for in-memory data; and
+    the label space, when it is not Cityscapes' (so that a Cityscapes cache built before it existed stays current)."""
+    signature = _files_signature(source, cache_dir)
+    if space != CITYSCAPES:
+        signature["label_space"] = [space.num_labels, space.reduce_labels]
+    return signature
+
+
+def _files_signature(source: datasets.Dataset, cache_dir) -> dict:
+    # string columns hold paths; image columns (bytes) are never read here: a hub dataset's would all be loaded
+    path_type = datasets.Value("string")
+    if source.features["image"] != path_type or source.features["label"] != path_type:
         return {"fingerprint": source._fingerprint}
+    images, labels = list(source["image"]), list(source["label"])
     rows = []
     for image, label in zip(images, labels, strict=True):
         row = []
@@ -109,20 +119,20 @@ def read_cache_index(cache_dir, split: str) -> dict | None:
     return index
 
 
-def cache_is_current(cache_dir, split: str, source: datasets.Dataset) -> bool:
+def cache_is_current(cache_dir, split: str, source: datasets.Dataset, space: LabelSpace = CITYSCAPES) -> bool:
     """True if a valid cache of exactly these sources exists; ValueError if one exists but is unreadable."""
     index = read_cache_index(cache_dir, split)
     return index is not None and index["count"] == len(source) and (
-        index["sources"] == source_signature(source, cache_dir))
+        index["sources"] == source_signature(source, cache_dir, space))
 
 
 def _fill(job) -> None:
     """Worker: decode and check samples [start, stop) and write them into the (temporary) memmaps."""
-    rows, paths, shape, start, stop = job
+    rows, paths, shape, start, stop, space = job
     images = np.memmap(paths["images"], np.uint8, "r+", shape=(*shape, 3))
     labels = np.memmap(paths["labels"], np.uint8, "r+", shape=shape)
     for i, image_value, label_value in zip(range(start, stop), rows["image"], rows["label"], strict=True):
-        image, label = read_pair(image_value, label_value, f"row {i}")
+        image, label = read_pair(image_value, label_value, f"row {i}", space)
         if label.shape != shape[1:]:
             name = describe(image_value, f"row {i} image")
             raise ValueError(f"{name}: size {label.shape[1]}x{label.shape[0]}, expected {shape[2]}x{shape[1]} like "
@@ -150,13 +160,15 @@ def _lock(cache_dir: Path, split: str):
             unlock(handle.fileno())
 
 
-def build_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1, progress: bool = True) -> dict:
-    """(Re)writes the cache of one split atomically; returns its paths. Checks every image and label."""
+def build_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1, progress: bool = True,
+                space: LabelSpace = CITYSCAPES) -> dict:
+    """(Re)writes the cache of one split atomically; returns its paths. Checks every image and label; labels are
+    stored as training ids (after `space`'s reduce_labels)."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = cache_paths(cache_dir, split)
     first = source[0]
-    height, width = read_pair(first["image"], first["label"], "row 0")[1].shape
+    height, width = read_pair(first["image"], first["label"], "row 0", space)[1].shape
     shape = (len(source), height, width)
     needed, free = shape[0] * height * width * 4, shutil.disk_usage(cache_dir).free
     if needed > free:
@@ -167,7 +179,7 @@ def build_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1,
         np.memmap(tmp["labels"], np.uint8, "w+", shape=shape).flush()
         step = max(1, min(16, shape[0] // max(nproc, 1) // 4 or 1))
         # each job carries only its own rows (a pickled in-memory dataset would be copied whole)
-        jobs = [(source[start:start + step], tmp, shape, start, min(start + step, shape[0]))
+        jobs = [(source[start:start + step], tmp, shape, start, min(start + step, shape[0]), space)
                 for start in range(0, shape[0], step)]
         bar = tqdm(total=shape[0], desc=f"cache {split}", unit="img", disable=not progress)
         if nproc > 1:
@@ -180,7 +192,7 @@ def build_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1,
                 bar.update(job[4] - job[3])
         bar.close()
         index = {"version": CACHE_VERSION, "split": split, "count": shape[0], "height": height, "width": width,
-                 "sources": source_signature(source, cache_dir)}
+                 "sources": source_signature(source, cache_dir, space)}
         tmp["index"].write_text(json.dumps(index))
         os.replace(tmp["images"], paths["images"])
         os.replace(tmp["labels"], paths["labels"])
@@ -192,7 +204,7 @@ def build_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1,
 
 
 def ensure_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1, rebuild_unreadable: bool = False,
-                 progress: bool = True) -> tuple[dict, bool]:
+                 progress: bool = True, space: LabelSpace = CITYSCAPES) -> tuple[dict, bool]:
     """(paths, built): builds the cache if it is missing or stale (sources changed), with a log line.
 
     An unreadable cache raises ValueError unless rebuild_unreadable (what the prepare script does).
@@ -201,13 +213,13 @@ def ensure_cache(source: datasets.Dataset, cache_dir, split: str, nproc: int = 1
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _lock(cache_dir, split):  # another rank may be building it: wait, then find it current
         try:
-            if cache_is_current(cache_dir, split, source):
+            if cache_is_current(cache_dir, split, source, space):
                 return cache_paths(cache_dir, split), False
         except ValueError:
             if not rebuild_unreadable:
                 raise
         logger.warning("building the fast-path cache of %s (%d images) in %s", split, len(source), cache_dir)
-        return build_cache(source, cache_dir, split, nproc, progress), True
+        return build_cache(source, cache_dir, split, nproc, progress, space), True
 
 
 class CacheDataset(torch.utils.data.Dataset):

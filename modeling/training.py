@@ -88,10 +88,24 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def create_model(pretrained: str, channels_last: bool, accelerator,
-                 sync_batchnorm: str = "ours") -> HRNetFCNForSemanticSegmentation:
-    """The network as training runs it; sync_batchnorm: see apply_sync_batchnorm."""
-    model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig())
+def create_model(pretrained: str, channels_last: bool, accelerator, sync_batchnorm: str = "ours",
+                 id2label: dict | None = None, init_from=None) -> HRNetFCNForSemanticSegmentation:
+    """The network as training runs it: the classes of id2label (None: Cityscapes' 19), the weights of init_from (a
+    trained model's folder, see model_from_checkpoint) or else a `pretrained` backbone; sync_batchnorm: see
+    apply_sync_batchnorm."""
+    if init_from is not None:
+        model, message = model_from_checkpoint(init_from, id2label)
+        accelerator.print(message)
+    else:
+        model = new_model(pretrained, accelerator, id2label)
+    model = apply_sync_batchnorm(model, sync_batchnorm, accelerator)
+    return to_channels_last(model) if channels_last else model
+
+
+def new_model(pretrained: str, accelerator, id2label: dict | None = None) -> HRNetFCNForSemanticSegmentation:
+    """A fresh network for id2label's classes, its backbone from `pretrained` (a timm tag, a file, or "none")."""
+    config = HRNetFCNConfig() if id2label is None else HRNetFCNConfig(id2label=dict(id2label))
+    model = HRNetFCNForSemanticSegmentation(config)
     if pretrained != "none":
         with accelerator.main_process_first():  # one download into the shared cache, then everyone reads it
             try:
@@ -99,8 +113,22 @@ def create_model(pretrained: str, channels_last: bool, accelerator,
             except (FileNotFoundError, ValueError) as err:
                 raise SystemExit(f"error: --pretrained_backbone: {err}") from None
         accelerator.print(f"backbone: {info['loaded']} tensors from {info['source']}")
-    model = apply_sync_batchnorm(model, sync_batchnorm, accelerator)
-    return to_channels_last(model) if channels_last else model
+    return model
+
+
+def model_from_checkpoint(folder, id2label: dict | None = None) -> tuple[HRNetFCNForSemanticSegmentation, str]:
+    """(model, one line saying what was loaded): a save_pretrained folder (e.g. a Cityscapes run's final/) as the
+    start of fine-tuning on id2label's classes (None: the folder's own). Every weight is loaded, except the
+    classifier (decode_head.conv_seg) when the class count differs: transformers then re-initialises it
+    (ignore_mismatched_sizes, through the model's _init_weights)."""
+    before = HRNetFCNConfig.from_pretrained(folder).num_labels
+    labels = {} if id2label is None else {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+    model = HRNetFCNForSemanticSegmentation.from_pretrained(folder, ignore_mismatched_sizes=True, **labels)
+    after = model.config.num_labels
+    if after == before:
+        return model, f"--init_from {folder}: every weight loaded ({after} classes)"
+    return model, (f"--init_from {folder}: {before} classes there, {after} here: the classifier "
+                   "(decode_head.conv_seg) is re-initialised, every other weight loaded")
 
 
 def create_sgd(parameters, lr: float, fused: bool = True) -> torch.optim.SGD:

@@ -6,6 +6,7 @@
     accelerate launch scripts/eval.py --checkpoint ... --split test --format_only --out_dir submission/
     python scripts/eval.py --checkpoint ... --data_root ... --show_dir pictures/ --output_json results.json
     python scripts/eval.py --checkpoint ... --data_root ... --confusion_matrix confusion_matrix.png
+    python scripts/eval.py --checkpoint out/ade/final --dataset_name DATASET --split validation  # any HF dataset
 
 --mode whole (default): full-resolution inference; slide: 512x1024 crops every 341x682 pixels; aug: ratios
 0.5..1.75 of 2048x1024 plus flips, softmax averaged (docs/recipe.md section 4). Mixed precision follows the launch
@@ -15,6 +16,8 @@ HF evaluate's own `mean_iou` script (from the hub, or --metric_path DIR holding 
 predictions, in one process, storing every map as that script requires.
 The official Cityscapes metrics (class/category IoU and iIoU as cityscapesscripts defines them, precision, recall,
 the confusion matrix) come from the same pass (`results["cityscapes"]`); --confusion_matrix PNG draws the matrix.
+A Hugging Face dataset (--dataset_name and its options, as scripts/train.py takes them; by default the one a
+--checkpoint folder was trained on) is scored with the model's classes, without the Cityscapes-only outputs.
 """
 
 import argparse
@@ -34,8 +37,9 @@ from tqdm.auto import tqdm
 from data import get_val_data
 from data.checks import check_split_files
 from data.cityscapes import as_source, instance_ids_path, read_image, read_instance_ids, read_label
+from data.hf_dataset import VALIDATION, add_hf_dataset_args, hf_dataset_spec, label_space, load_splits
 from data.image_checks import open_image
-from data.labels import CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
+from data.labels import CITYSCAPES, CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES, TRAIN_ID_TO_ID
 from modeling import strict_json
 from modeling.cityscapes_metrics import CityscapesMetrics
 from modeling.cityscapes_metrics import markdown_table as official_table
@@ -124,13 +128,20 @@ def write_official_outputs(args, official: dict, class_names: list[str]) -> None
                               title=f"{args.split}: confusion matrix (% of each ground-truth class)")
 
 
-def default_data_root(args) -> str:
-    """--data_root when not given: the dataset a checkpoint of scripts/train.py was trained on (its config.json)."""
+def checkpoint_config(args) -> dict:
+    """The --checkpoint folder's config.json, {} if there is none (a .pth) or it is unreadable (--checkpoint's own
+    check names the problem later)."""
     config = Path(args.checkpoint) / "config.json" if args.checkpoint else None
     try:
-        saved = json.loads(config.read_text()).get("training_data") if config and config.is_file() else None
-    except (OSError, ValueError, AttributeError):  # unreadable: --checkpoint's own check names the problem later
-        saved = None
+        loaded = json.loads(config.read_text()) if config and config.is_file() else {}
+    except (OSError, ValueError):
+        loaded = {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def default_data_root(args, saved) -> str:
+    """--data_root when not given: the dataset a checkpoint of scripts/train.py was trained on (its config.json)."""
+    config = Path(args.checkpoint) / "config.json" if args.checkpoint else None
     if not isinstance(saved, dict) or not saved.get("data_root"):
         raise SystemExit("error: --data_root is required" + (" (the checkpoint does not name the dataset it was "
                                                              "trained on)" if args.checkpoint else ""))
@@ -139,6 +150,34 @@ def default_data_root(args) -> str:
                          "no longer exists: pass --data_root DIR")
     print(f"--data_root {saved['data_root']} (the {saved.get('dataset', '')} data {args.checkpoint} was trained on)")
     return saved["data_root"]
+
+
+def hf_dataset(args, checkpoint: dict):
+    """The Hugging Face dataset to score (--dataset_name, else the one the checkpoint was trained on), or None for a
+    Cityscapes root; the options only Cityscapes has are refused with it."""
+    if args.dataset_name and args.data_root:
+        raise SystemExit("error: --dataset_name and --data_root: expected one of them")
+    spec = None if args.data_root else hf_dataset_spec(args, checkpoint.get("training_data"))
+    if spec is not None and (args.predictions_dir or args.format_only or args.confusion_matrix):
+        raise SystemExit("error: --predictions_dir, --format_only and --confusion_matrix are for Cityscapes splits "
+                         "(--data_root) only; expected --checkpoint with --dataset_name")
+    return spec
+
+
+def load_split(args, spec, checkpoint: dict):
+    """(source, label space) of --split: a Cityscapes root's, or a Hugging Face dataset's with the model's classes."""
+    if spec is None:
+        try:
+            return as_source(args.data_root, args.split), CITYSCAPES
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: --data_root: {error}") from error
+    try:
+        splits = load_splits(spec)
+        if args.split not in splits:
+            raise ValueError(f"--split {args.split}: no such split (splits: {', '.join(splits)})")
+        return splits[args.split], label_space(spec, len(checkpoint.get("id2label") or CLASS_NAMES))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: --dataset_name: {error}") from None
 
 
 def markdown_table(results: dict) -> str:
@@ -157,24 +196,26 @@ def main(args) -> dict:
         raise SystemExit("error: pass exactly one of --checkpoint and --predictions_dir")
     if args.format_only and (args.out_dir is None or args.checkpoint is None):
         raise SystemExit("error: --format_only needs --checkpoint and --out_dir")
-    args.data_root = args.data_root or default_data_root(args)
+    checkpoint = checkpoint_config(args)
+    spec = hf_dataset(args, checkpoint)
+    if spec is None:
+        args.data_root = args.data_root or default_data_root(args, checkpoint.get("training_data"))
+    args.split = args.split or (VALIDATION if spec else "val")
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     refuse_fp16_on_cpu(accelerator)
     if args.metric_backend == "evaluate" and accelerator.num_processes > 1:
         raise SystemExit("error: --metric_backend evaluate runs in one process (it stores every map); "
                          "launch without several processes")
+    source, space = load_split(args, spec, checkpoint)
     try:
-        source = as_source(args.data_root, args.split)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: --data_root: {error}") from error
-    try:
-        check_split_files(source)  # every file a complete PNG (the first two decoded), before any model work
+        check_split_files(source, space=space)  # every file a complete PNG (the first two decoded), before the model
         predict_options(args)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     stems = list(source["stem"])
     reference = load_evaluate_metric(args) if args.metric_backend == "evaluate" else None
-    official = CityscapesMetrics(device=accelerator.device)  # the same pass, on the device (None: not 19 classes)
+    # the same pass, on the device (None: not Cityscapes)
+    official = CityscapesMetrics(device=accelerator.device) if spec is None else None
 
     def on_predictions(preds, labels, batch):
         """Per batch, on each process: the official metrics, the submission files, the pictures, evaluate's maps."""
@@ -203,7 +244,8 @@ def main(args) -> dict:
             raise SystemExit(f"error: --checkpoint: {error}") from error
         class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         official = official if model.config.num_labels == NUM_CLASSES else None
-        dataset, on_device = get_val_data(args.data_root, args.split, instance_ids=official is not None)
+        dataset, on_device = get_val_data(args.data_root or source, args.split, instance_ids=official is not None,
+                                          label_space=space)
         results = evaluate_segmentation(model, dataset, on_device, accelerator, args.batch_size, args.num_workers,
                                         args.mode, predict_options(args), on_predictions)
     if reference is not None:
@@ -239,7 +281,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument("--pred_label_type", choices=["trainIds", "labelIds"], default="trainIds")
     what.add_argument("--data_root", help="Cityscapes-layout folder (labelTrainIds prepared); default: the one "
                       "the --checkpoint folder was trained on (saved by scripts/train.py in its config.json)")
-    what.add_argument("--split", default="val")
+    what.add_argument("--split", default=None, help="default: val (Cityscapes), validation (--dataset_name)")
+    add_hf_dataset_args(what, id2label=False)
     infer = parser.add_argument_group("inference")
     add_inference_args(infer)
     infer.add_argument("--batch_size", type=positive_int, default=1, help="per process")

@@ -4,12 +4,12 @@
     python scripts/infer.py --checkpoint fcn_hr18.pth photos/ --out_dir out/pictures --mode slide --cpu
 
 For each input image NAME.png/.jpg, writes NAME_pred.png (colorized), NAME_overlay.png (blended on the photo) and
-NAME_trainIds.png (class ids 0..18) to --out_dir; images found in a folder (searched recursively) keep their path
-below that folder (photos/a/x.jpg -> OUT_DIR/a/x_*.png), so equal names in different subfolders do not overwrite
-each other; two inputs that would still write the same files are an error. Runs on the GPU when there is one
-(else CPU), one image at a time, at the image's own size. Any common image mode is read as 8-bit RGB (16-bit
-grayscale scaled to 8 bits, palette/gray/RGBA converted); an image declaring more than 89 M pixels is refused
-before decoding (a decompression bomb), as is --mixed_precision fp16 without a GPU.
+NAME_trainIds.png (class ids: 0..18 for Cityscapes, 0..N-1 for a model of N classes) to --out_dir; images found in a
+folder (searched recursively) keep their path below that folder (photos/a/x.jpg -> OUT_DIR/a/x_*.png), so equal
+names in different subfolders do not overwrite each other; two inputs that would still write the same files are an
+error. Runs on the GPU when there is one (else CPU), one image at a time, at the image's own size. Any common image
+mode is read as 8-bit RGB (16-bit grayscale scaled to 8 bits, palette/gray/RGBA converted); an image declaring more
+than 89 M pixels is refused before decoding (a decompression bomb), as is --mixed_precision fp16 without a GPU.
 """
 
 import argparse

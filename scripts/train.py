@@ -34,15 +34,15 @@ from dataclasses import asdict
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image
 from tqdm.auto import tqdm
 
-from data import get_train_data, get_val_data
-from data.checks import check_crop_fits, check_split_files
-from data.cityscapes import discover
-from data.prepare import prepare_cityscapes
-from data.synthetic import generate_cityscapes_atomically
-from data.transforms import IMG_SCALE
+from data.hf_dataset import add_hf_dataset_args
+from data.training_data import (
+    SYNTHETIC,  # noqa: F401 - the demo set's sizes, which tests read as train.SYNTHETIC
+    TrainingData,
+    cityscapes_training_data,
+    hf_training_data,
+)
 from modeling import strict_json
 from modeling.benchmarking import WARMUP_ITERS, Clock, build_results, peak_memory_gib
 from modeling.checkpointing import MIN_KEEP, config_differences, list_checkpoints, load_checkpoint, save_checkpoint
@@ -85,57 +85,13 @@ from modeling.training import (
 )
 from modeling.visualize import plot_training_curves
 
-# The synthetic demo set: generated in seconds, trained on at 64x128 crops (as big as the images: crops see the
-# whole scene at the recipe's 0.5-2x scales, so their BN statistics match whole-image evaluation), every class in val.
-SYNTHETIC = {"num_train": 32, "num_val": 8, "num_test": 0, "height": 64, "width": 128, "seed": 0}
-
 
 # --------------------------------------------------------------------------------------------------------- data
-def train_img_scale(args, data_root: Path) -> tuple[int, int]:
-    # The recipe rescales to (2048, 1024) x U[0.5, 2): the Cityscapes size. Synthetic images are smaller, so their
-    # scale is taken relative to their own size, which keeps the recipe's range relative to the native image.
-    if args.dataset != "synthetic":
-        return IMG_SCALE
-    with Image.open(next((data_root / "leftImg8bit" / "train").glob("*/*.png"))) as image:
-        return image.size  # (w, h)
-
-
-def load_train_data(args, data_root: Path, pipeline: str):
-    return get_train_data(data_root, pipeline=pipeline, crop_size=tuple(args.crop_size), seed=args.seed,
-                          img_scale=train_img_scale(args, data_root))
-
-
-def default_crop_size(args, data_root: Path) -> list[int]:
-    """--crop_size when not given: the recipe's 512x1024, capped at a synthetic set's (smaller) image size."""
-    if args.dataset != "synthetic":
-        return [512, 1024]
-    width, height = train_img_scale(args, data_root)
-    return [min(height, 512), min(width, 1024)]
-
-
-def check_data(args, data_root: Path) -> None:
-    """Cheap checks before anything heavy (cache, model): layout, complete PNGs, trainIds, a crop that fits."""
-    try:
-        sources = {split: discover(data_root, split) for split in ("train", "val")}
-        for source in sources.values():
-            check_split_files(source)
-        with Image.open(sources["train"][0]["image"]) as image:
-            check_crop_fits(image.size[::-1], args.crop_size, train_img_scale(args, data_root))
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: --data_root: {err}") from None
-
-
-def prepare_data_root(args, accelerator) -> Path:
-    """The dataset root; for --dataset synthetic, generate it first (main process; the others wait)."""
-    if args.dataset == "cityscapes":
-        return Path(args.data_root)
-    root = Path(args.data_root) if args.data_root else Path(args.output_dir) / "synthetic_cityscapes"
-    if accelerator.is_main_process:
-        if not root.exists():
-            generate_cityscapes_atomically(root, **SYNTHETIC)
-        prepare_cityscapes(root, build_cache=True)  # idempotent: labelTrainIds + the fast path's cache
-    accelerator.wait_for_everyone()
-    return root
+def load_data(args, accelerator) -> TrainingData:
+    """Train and val data: any Hugging Face dataset (--dataset_name), else a Cityscapes-layout root."""
+    if args.dataset_name:
+        return hf_training_data(args, accelerator, default_pipeline(args, accelerator))
+    return cityscapes_training_data(args, accelerator, default_pipeline(args, accelerator))
 
 
 def set_cpu_threads(args, accelerator) -> None:
@@ -197,7 +153,7 @@ def run_config(args, accelerator) -> dict:
             "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "max_iters": args.max_iters, "lr": args.lr, "seed": args.seed, "pretrained_backbone":
             args.pretrained_backbone, "mixed_precision": accelerator.mixed_precision,
-            "sync_batchnorm": args.sync_batchnorm}
+            "sync_batchnorm": args.sync_batchnorm, "dataset_name": args.dataset_name}
 
 
 def resume(accelerator, args, checkpoints_dir: Path, config: dict, model) -> TrainState:
@@ -243,8 +199,14 @@ def check_args(args) -> None:
         check_pretrained_source(args.pretrained_backbone)  # before any download or heavy work
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    if args.dataset == "cityscapes" and not args.data_root:
-        raise SystemExit("error: --data_root is required with --dataset cityscapes (or use --dataset synthetic)")
+    if args.dataset == "cityscapes" and not (args.data_root or args.dataset_name):
+        raise SystemExit("error: --data_root is required with --dataset cityscapes (or use --dataset synthetic or "
+                         "--dataset_name)")
+    if args.dataset_name and (args.data_root or args.dataset == "synthetic"):
+        raise SystemExit("error: --dataset_name replaces --data_root and --dataset synthetic; expected one of them")
+    if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
+        raise SystemExit(f"error: --init_from {args.init_from}: no config.json; expected a save_pretrained folder "
+                         "(e.g. a run's final/; scripts/convert_mmseg_checkpoint.py converts a reference .pth)")
 
 
 # -------------------------------------------------------------------------------------------------- reliability
@@ -318,17 +280,15 @@ def train(args, preemption: PreemptionFlag) -> dict:
     set_seed(args.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
     global_batch = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
 
-    data_root = prepare_data_root(args, accelerator)
-    args.crop_size = args.crop_size or default_crop_size(args, data_root)
-    check_data(args, data_root)
-    train_set, train_on_device = load_train_data(args, data_root, default_pipeline(args, accelerator))
-    val_data = get_val_data(data_root, split="val")
-    sampler = create_sampler(train_set, accelerator, args.batch_size, args.seed, data_root)
+    data = load_data(args, accelerator)
+    args.crop_size, train_set, train_on_device, val_data = data.crop_size, data.train_set, data.on_device, data.val_data
+    sampler = create_sampler(train_set, accelerator, args.batch_size, args.seed, data.name)
 
-    model = create_model(args.pretrained_backbone, args.channels_last, accelerator, args.sync_batchnorm)
+    model = create_model(args.pretrained_backbone, args.channels_last, accelerator, args.sync_batchnorm, data.id2label,
+                         args.init_from)
     batchnorm = batchnorm_kind(model)  # what runs: one process is plain BN whatever the flag
     # saved in config.json beside the weights: scripts/eval.py --checkpoint OUTPUT_DIR/final finds the data itself
-    model.config.training_data = {"dataset": args.dataset, "data_root": str(data_root.resolve())}
+    model.config.training_data = data.record
     optimizer, scheduler = create_optimizer_and_scheduler(model, args.lr, args.max_iters)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     config = run_config(args, accelerator)
@@ -441,11 +401,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "OUTPUT_DIR/synthetic_cityscapes) and train on it")
     data.add_argument("--data_root", default=None, help="Cityscapes root (leftImg8bit/, gtFine/ after "
                       "scripts/prepare_cityscapes.py)")
+    add_hf_dataset_args(data)
     data.add_argument("--pipeline", choices=("fast", "reference"), default=None,
                       help="training augmentation: fast = batched on the device (default on GPUs), reference = "
                            "per sample in the loader workers (default on the CPU)")
     data.add_argument("--crop_size", type=positive_int, nargs=2, default=None, metavar=("H", "W"),
-                      help="training crop (default: 512 1024, the recipe; --dataset synthetic: at most the images)")
+                      help="training crop (default: 512 1024, the recipe; --dataset synthetic, --dataset_name: at most "
+                           "the images)")
     data.add_argument("--num_workers", type=non_negative_int, default=2,
                       help="loader workers per process (the reference: 2)")
     data.add_argument("--loader_timeout", type=positive_float, default=DEFAULT_LOADER_TIMEOUT,
@@ -458,6 +420,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"initial lr; poly {POLY_POWER} decay to {LR_END}")
     recipe.add_argument("--pretrained_backbone", default=DEFAULT_PRETRAINED,
                         help="timm tag, local weights file, or 'none' (random init)")
+    recipe.add_argument("--init_from", default=None, metavar="FOLDER",
+                        help="fine-tune a trained model (a save_pretrained folder, e.g. a Cityscapes run's final/) "
+                             "instead of --pretrained_backbone; another class count re-initialises its classifier")
     recipe.add_argument("--seed", type=seed_int, default=0)
     speed = parser.add_argument_group("speed (precision comes from the Accelerate config)")
     speed.add_argument("--channels_last", action="store_true")
