@@ -25,8 +25,11 @@ def bash_lines(page: Path) -> list[str]:
             continue
         if not block:
             continue
-        line = pending + raw.split(" #")[0].strip() if not raw.lstrip().startswith("#") else pending
-        pending = line[:-1] + " " if line.endswith("\\") else ""
+        if pending.count("'") % 2:  # inside a quoted multi-line argument (python -c '...'): keep it whole
+            line = pending + raw
+        else:
+            line = pending + raw.split(" #")[0].strip() if not raw.lstrip().startswith("#") else pending
+        pending = line[:-1] + " " if line.endswith("\\") else line + "\n" if line.count("'") % 2 else ""
         if not pending and line:
             lines.append(line)
     return lines
