@@ -866,3 +866,17 @@ def test_accelerate_launch_forwards_sigusr1_to_several_processes_with_the_config
     # the agent's own log line (Accelerate 1.15 then prints "got signal: 10" in a traceback, 1.16 exits 128 + 10)
     assert launcher.returncode != 0 and "Received 10 death signal" in output, output[-2000:]
     assert sorted(p.name for p in tmp_path.glob("saved_*")) == ["saved_0", "saved_1"], output[-2000:]
+
+
+def test_fp16_starts_at_the_recipe_loss_scale():
+    # mmcv's static 512 (docs/recipe.md), not torch's 65536, which overflows the first steps of a fresh fp16 run;
+    # Accelerate builds its GradScaler (GPUs only) from this handler's kwargs
+    from accelerate.utils import GradScalerKwargs
+
+    from modeling.training import accelerator_kwargs
+
+    for choice in ("ours", "torch", "off"):
+        handlers = [h for h in accelerator_kwargs(choice) if isinstance(h, GradScalerKwargs)]
+        assert len(handlers) == 1 and handlers[0].to_kwargs() == {"init_scale": 512.0}
+    scaler = torch.amp.GradScaler("cpu", **handlers[0].to_kwargs())
+    assert scaler.get_scale() == 512.0 and scaler.get_growth_interval() == 2000  # dynamic growth stays on
