@@ -18,7 +18,8 @@ but built for a step of a few tens of milliseconds with hundreds of BN layers:
   backward on 2 gloo processes under a dispatch mode that records every aten op and fails on the ones that force a
   sync (`_local_scalar_dense`, `nonzero`, `masked_select`, boolean `index`, ...). So it also suits CUDA graphs.
 - works with any torch.distributed backend (gloo on CPU processes, NCCL on GPUs) and under autocast: statistics,
-  their combination and the gradient sums are fp32; the output and the input gradient have the input's dtype.
+  their combination and the gradient sums are fp32 (float64 for float64 inputs: never below the input's
+  precision); the output and the input gradient have the input's dtype.
 - one process (torch.distributed not initialized, or a group of one), eval mode: plain BatchNorm (the parent's
   forward, no collective). Parameters and buffers are nn.BatchNorm2d's (weight, bias, running_mean, running_var,
   num_batches_tracked), so state dicts load both ways.
@@ -33,7 +34,8 @@ from torch import nn
 
 
 def _combine(gathered: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global (mean, M2, count) from the world_size x (2C+1) gathered per-rank (mean, M2, count), all fp32.
+    """Global (mean, M2, count) from the world_size x (2C+1) gathered per-rank (mean, M2, count), all fp32 (or
+    float64: the statistics dtype).
 
     Chan et al.'s pairwise update applied to all ranks at once: M2 = sum M2_r + sum n_r (mean_r - mean)^2. Measured
     (fp32 activations of mean 100 and std 1, 2 ranks x 2x18x128x256, against float64): the relative error of the
@@ -48,6 +50,12 @@ def _combine(gathered: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch
     return mean, m2, count
 
 
+def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
+    # fp32 for fp16/bf16/fp32 inputs (autocast's half types would lose the variance), float64 for float64 inputs:
+    # a float64 run must stay float64 throughout (and F.batch_norm refuses float64 input with fp32 statistics).
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BN over the union of the batches of a process group (see the module docstring)."""
 
@@ -57,9 +65,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dims = [0, *range(2, x.dim())]
         local_count = x.numel() // channels  # from the shape: host metadata, not a tensor read
         if local_count > 0:
-            var, mean = torch.var_mean(x.float(), dims, correction=0)  # fp32 statistics whatever x's dtype
+            var, mean = torch.var_mean(x.to(_statistics_dtype(x)), dims, correction=0)
         else:  # an empty batch on this rank contributes nothing (its var_mean would be NaN)
-            var = mean = torch.zeros(channels, device=x.device, dtype=torch.float32)
+            var = mean = torch.zeros(channels, device=x.device, dtype=_statistics_dtype(x))
         packed = torch.cat([mean, var * local_count, mean.new_full((1,), local_count)])
         gathered = packed.new_empty(world_size * packed.numel())  # flat: the layout every backend accepts
         dist.all_gather_single(gathered, packed, group=group)  # the forward's one collective
@@ -73,7 +81,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             running_var.lerp_(unbiased.to(running_var.dtype), momentum)
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group = group
-        # The eval-mode kernel normalizes with the given fp32 statistics; mixed input/parameter dtypes are allowed.
+        # The eval-mode kernel normalizes with the given statistics; fp32 statistics with fp16/bf16 input are allowed.
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
@@ -81,9 +89,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd, count = ctx.saved_tensors
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xmu = x - mean.view(shape)  # fp32 (type promotion), centered: no cancellation at large means
-        sum_dy = grad_output.sum(dims, dtype=torch.float32)
-        sum_dy_xmu = (grad_output * xmu).sum(dims, dtype=torch.float32)
+        xmu = x - mean.view(shape)  # the statistics dtype (type promotion), centered: no cancellation at large means
+        sum_dy = grad_output.sum(dims, dtype=mean.dtype)
+        sum_dy_xmu = (grad_output * xmu).sum(dims, dtype=mean.dtype)
         grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
         grad_input = None
@@ -91,7 +99,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             packed = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(packed, group=ctx.group)  # the backward's one collective
             global_sum_dy, global_sum_dy_xmu = packed.chunk(2)
-            scale = invstd if weight is None else invstd * weight.float()
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             # dx = w * invstd * (dy - sum(dy) / n - (x - mean) * invstd^2 * sum(dy * (x - mean)) / n), global sums
             grad_input = (grad_output - (global_sum_dy / count).view(shape)
                           - xmu * (invstd * invstd * global_sum_dy_xmu / count).view(shape))

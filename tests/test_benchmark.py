@@ -268,6 +268,7 @@ def test_throughput_json(launched, name):
     assert result["host_syncs_per_step"] is None  # CUDA only
     assert result["peak_memory_gib"] > 0 and result["sync_batchnorm"] == "off"
     assert 0 < result["loss_mean"] < 10  # cross-entropy of 19 classes from random weights: about ln 19 = 2.9
+    assert result["first_iteration_s"] > 0 and result["compiled"] is None  # compile figures: --compile only
     assert result["device"].startswith("CPU") and result["environment"]["torch"] == torch.__version__
 
 

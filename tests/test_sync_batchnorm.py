@@ -184,6 +184,42 @@ def check_ddp_two_processes_batch_one_equals_one_process_batch_two(rank):
         _close(actual, expected, name)
 
 
+def check_float64_network_two_processes_batch_one_equals_one_process_batch_two(rank):
+    """The whole network in float64, 3 steps of the recipe's SGD (lr 0.001) on 64x128: our SyncBN on 2 processes x
+    batch 1 inside DDP == plain BN on 1 process x batch 2, to 1e-10 (weights and running statistics).
+
+    Measured (float64): parameters differ by 2e-16 at most (relative L2 1e-17), running statistics by 1e-11 relative:
+    float64 rounding, so the formulas (forward, backward, running statistics) are those of the global batch. The
+    same runs in fp32 differ by 1.5e-5 at most, relative L2 1.0e-6: 17 times fp32's unit roundoff (6e-8), where
+    float64's 1e-17 is 0.1 times its own (1.1e-16); up to 21% of a BN bias still near its initial 0 and 12% of a
+    running statistic. That is fp32 rounding amplified by this random-init network, not a defect (at 128x256
+    crops: 9.7e-6, relative L2 5.8e-7, 12% of a bias), and what tests/test_multiprocess_training.py bounds end
+    to end in fp32.
+    """
+    from modeling import HRNetFCNConfig, HRNetFCNForSemanticSegmentation
+    from modeling.training import MOMENTUM, WEIGHT_DECAY
+
+    def network():
+        torch.manual_seed(0)
+        return HRNetFCNForSemanticSegmentation(HRNetFCNConfig()).double()
+    single = network()
+    ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(network()), broadcast_buffers=False)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.001, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+                  for m in (single, ddp)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        images = torch.randn(2, 3, 64, 128, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 19, (2, 64, 128), generator=generator)
+        single(pixel_values=images, labels=labels).loss.backward()
+        # the loss is a mean over the local batch (same pixel count per rank): DDP's average is the global mean
+        ddp(pixel_values=images[rank:rank + 1], labels=labels[rank:rank + 1]).loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, expected), actual in zip(single.state_dict().items(), ddp.module.state_dict().values(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
 CHECKS = [name for name in dict(globals()) if name.startswith("check_")]
 
 

@@ -122,6 +122,20 @@ def host_sync_sites(function) -> dict[str, int]:
                                     if "synchronizing CUDA operation" in str(w.message)))
 
 
+def compile_figures() -> dict:
+    """What TorchDynamo compiled in this process so far: graphs, graph breaks, and each break's reason (first line).
+
+    Read from torch's compile counters after the run (no cost during it). Under `accelerate launch` with several
+    processes the DDP-wrapped model is compiled: DDP's own forward adds its graph breaks (3 in torch 2.14, by
+    design: DDP's wrapper runs eagerly around the compiled model; BENCHMARKS.md, "torch.compile on the CPU").
+    """
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
+            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in breaks})}
+
+
 def synthetic_batch(batch_size: int, crop_size, channels_last: bool, device: torch.device, seed: int = 0):
     """A random (pixel_values, labels) batch made on the device: the model's speed without any data cost."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -181,7 +195,9 @@ def run(args) -> dict | None:
     stops after --iters more (device synchronised): nothing in between waits for the device. Per process it
     measures the time, the host time spent getting each batch (data wait) and the peak memory; the slowest process
     gives the figures. With --count_collectives the collectives are counted per step in the timed iterations
-    (CollectiveCounter); otherwise DDP runs untouched and they are null.
+    (CollectiveCounter); otherwise DDP runs untouched and they are null. The first warm-up iteration is timed on its
+    own: under --compile it holds the compilation (`first_iteration_s`), and `compiled` gives dynamo's graphs and
+    graph breaks.
     """
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit("error: --iters and --batch_size must be >= 1 and --warmup >= 0")
@@ -209,8 +225,12 @@ def run(args) -> dict | None:
     model.train()
     loss_sum = torch.zeros((), device=device)
     with CollectiveCounter(enabled=count) as counter:
-        for _ in range(args.warmup):  # allocator, cuDNN autotuning, torch.compile, DDP bucket rebuild
+        first_iteration_s = None
+        for i in range(args.warmup):  # allocator, cuDNN autotuning, torch.compile, DDP bucket rebuild
+            start = time.perf_counter()
             loss_sum += step(*get_batch())
+            if i == 0:  # under --compile: the forward's and the backward's compilation
+                first_iteration_s = synchronize(device) - start
         accelerator.wait_for_everyone()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -231,10 +251,10 @@ def run(args) -> dict | None:
         host_syncs = {part: sum(counts.values()) for part, counts in sites.items()}
 
     # the slowest process sets the pace of a synchronous data-parallel step
-    mine = torch.tensor([[elapsed, data_wait, peak_memory_gib(device), loss_sum.item()]], device=device,
-                        dtype=torch.float64)
+    mine = torch.tensor([[elapsed, data_wait, peak_memory_gib(device), loss_sum.item(),
+                          first_iteration_s or 0.0]], device=device, dtype=torch.float64)
     gathered = accelerator.gather(mine)
-    elapsed, data_wait, peak_memory, _ = gathered.max(dim=0).values.tolist()
+    elapsed, data_wait, peak_memory, _, first_iteration = gathered.max(dim=0).values.tolist()
     loss_mean = gathered[:, 3].mean().item() / (args.warmup + args.iters)  # a sanity figure: finite, about ln 19
     global_batch, env = args.batch_size * processes, environment(accelerator)
     results = {
@@ -266,6 +286,9 @@ def run(args) -> dict | None:
         "host_syncs_per_step": host_syncs,
         "host_sync_sites": sites,
         "loss_mean": loss_mean,
+        # the first warm-up iteration (None with --warmup 0), slowest process: with --compile, the compile time
+        "first_iteration_s": first_iteration if args.warmup else None,
+        "compiled": compile_figures() if args.compile else None,
         "environment": env,
     }
     accelerator.print(strict_json.dumps(results, indent=2))
