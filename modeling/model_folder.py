@@ -42,13 +42,13 @@ def write_model_folder(model, folder, *, iteration: int, metrics: dict, recipe: 
 
 def model_card(config, *, folder, iteration: int, metrics: dict, recipe: dict, has_curves: bool) -> ModelCard:
     """The model card: the Hub's metadata (huggingface_hub) and the text of `card_text`."""
-    dataset = (getattr(config, "training_data", None) or {}).get("dataset", "unknown")
+    dataset, split = _dataset_and_split(config)
+    tags = ["semantic-segmentation", "hrnet", "fcn", "accelerate"] + (["cityscapes"] if split == "val" else [])
     data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-segmentation",
-        tags=["semantic-segmentation", "hrnet", "fcn", "cityscapes", "accelerate"], metrics=["mean_iou"],
+        library_name="transformers", pipeline_tag="image-segmentation", tags=tags, metrics=["mean_iou"],
         model_name=f"hrnet-w18-fcn-{Path(folder).name}", eval_results=[EvalResult(
-            task_type="image-segmentation", dataset_type=dataset, dataset_name=f"{dataset} val",
-            dataset_split="val", metric_type="mean_iou", metric_value=_rounded(metrics["mean_iou"]))])
+            task_type="image-segmentation", dataset_type=dataset, dataset_name=f"{dataset} {split}",
+            dataset_split=split, metric_type="mean_iou", metric_value=_rounded(metrics["mean_iou"]))])
     text = card_text(config, folder=folder, iteration=iteration, metrics=metrics, recipe=recipe, has_curves=has_curves)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
 
@@ -61,14 +61,25 @@ def _rounded(value):
     return None if value is None or math.isnan(value) else round(value, 4)
 
 
+def _dataset_and_split(config) -> tuple[str, str]:
+    """(dataset, evaluated split) of config.training_data: a Hugging Face dataset (--dataset_name) is scored on its
+    validation split, a Cityscapes-layout root (the real set or the synthetic one) on val."""
+    training_data = getattr(config, "training_data", None) or {}
+    if training_data.get("dataset") == "hf":
+        return training_data["dataset_name"], "validation"
+    return training_data.get("dataset", "unknown"), "val"
+
+
 def _data_section(config) -> str:
     training_data = getattr(config, "training_data", None) or {}
-    dataset, root = training_data.get("dataset", "unknown"), training_data.get("data_root", "unknown")
+    dataset = training_data.get("dataset", "unknown")
+    names = ", ".join(config.id2label[i] for i in range(config.num_labels))
+    classes = f"{config.num_labels} classes (in `config.id2label`): {names}; label {config.ignore_index} is ignored."
+    if dataset == "hf":
+        return f"Trained on the Hugging Face dataset `{training_data['dataset_name']}` (train split). {classes}"
     what = ("a synthetic set in the Cityscapes format (this repository's data/synthetic.py), not the real Cityscapes"
             if dataset == "synthetic" else "Cityscapes fine annotations (train split)")
-    names = ", ".join(config.id2label[i] for i in range(config.num_labels))
-    return (f"Trained on {what}, read from `{root}`. {config.num_labels} classes (Cityscapes trainIds, in "
-            f"`config.id2label`): {names}; label {config.ignore_index} is ignored.")
+    return f"Trained on {what}, read from `{training_data.get('data_root', 'unknown')}`. Cityscapes trainIds: {classes}"
 
 
 def _results_section(config, iteration: int, metrics: dict) -> str:

@@ -209,6 +209,9 @@ def test_train_eval_infer_on_a_parquet_dataset(parquet_dir, tmp_path, load_scrip
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"] == {"0": "red", "1": "green", "2": "blue", "3": "yellow", "4": "cyan"}
     assert config["training_data"]["dataset_name"] == str(parquet_dir) and (out / "fastpath_cache").is_dir()
+    card = (out / "final" / "README.md").read_text()  # the model card names this dataset, not Cityscapes
+    assert f"Hugging Face dataset `{parquet_dir}`" in card and "split: validation" in card
+    assert "Cityscapes" not in card.split("## Recipe")[0].split("---", 2)[2] and "- cityscapes" not in card
 
     # eval.py: the dataset and its settings from the checkpoint, then named explicitly
     saved = run_script(load_script, "eval", "--checkpoint", out / "final", "--cpu", "--num_workers", 0,
