@@ -29,10 +29,8 @@ def plain_loop_step(channels_last: bool, mixed_precision: str, device: torch.dev
     Accelerate, no guard."""
     model = HRNetFCNForSemanticSegmentation(HRNetFCNConfig()).to(device)
     model = training.to_channels_last(model) if channels_last else model
+    # built after the move: the optimizer's zero momentum buffers are made beside the parameters, on the device
     optimizer, scheduler = training.create_optimizer_and_scheduler(model, lr=0.01, max_iters=80_000)
-    # the zero momentum buffers were made beside the CPU parameters
-    for state in optimizer.state.values():
-        state["momentum_buffer"] = state["momentum_buffer"].to(device)
     network = torch.compile(model) if compile_model else model
     dtype = AUTOCAST_DTYPES[mixed_precision]
     scaler = torch.amp.GradScaler(device.type, init_scale=training.FP16_INIT_SCALE, enabled=dtype == torch.float16)
@@ -117,8 +115,9 @@ def run(args) -> dict:
             seconds[name].append(time_block(step, batch, args.iters, device))
     images = args.batch_size * args.iters
     profiles = {name: profile_steps(step, batch, device) for name, step in steps.items()} if args.profile else None
+    env = environment(accelerator)
     results = {
-        "mode": "loop", "device": environment(accelerator)["device"], "mixed_precision": accelerator.mixed_precision,
+        "mode": "loop", "device": env["device"], "mixed_precision": accelerator.mixed_precision,
         "batch_size": args.batch_size, "crop_size": list(args.crop_size), "channels_last": args.channels_last,
         "compile": args.compile, "warmup": args.warmup, "iters": args.iters, "reps": args.reps,
         "threads": torch.get_num_threads(),
@@ -126,7 +125,7 @@ def run(args) -> dict:
         "ratio_ours_to_plain": median(p / o for p, o in zip(seconds["plain"], seconds["ours"], strict=True)),
         "block_seconds": seconds,
         "profile_per_step": profiles,
-        "environment": environment(accelerator),
+        "environment": env,
     }
     accelerator.print(strict_json.dumps(results, indent=2))
     return results
